@@ -1,0 +1,210 @@
+"""Per-token divergences between the teacher `p` and the student `q` (METHOD.md section 5).
+
+Every divergence takes aligned logits `teacher_logits`, `student_logits` [B, T, V] and returns the
+per-token value [B, T], summed over V. The teacher is a constant (detached here, so callers that forgot
+to detach still get a student-only gradient). Math runs in float32, or in float64 when an input is
+float64 (the gradcheck path); bf16 inputs are upcast.
+
+Numerics: every `a * log(a / b)` term uses the convention 0 * log 0 = 0 *in value and in gradient*
+(`weighted_log_ratio`), so -inf logits (masked vocabulary columns) give finite results, never NaN.
+Mixtures `log(w p + (1 - w) q)` are formed with a log-sum-exp of log-probs, not by adding probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from mgsr.losses.common import log_probs, masked_mean
+
+# --------------------------------------------------------------------------- numerical helpers (shared)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64 (so gradcheck can run), float32 otherwise."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def to_log_probs(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Log-softmax over the last dim in `dtype` (float32 goes through the shared `log_probs`)."""
+    if dtype == torch.float32:
+        return log_probs(logits)
+    return torch.log_softmax(logits.to(dtype), dim=-1)
+
+
+def teacher_student_log_probs(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log q) in the compute dtype; the teacher is detached."""
+    dtype = compute_dtype(teacher_logits, student_logits)
+    return to_log_probs(teacher_logits.detach(), dtype), to_log_probs(student_logits, dtype)
+
+
+def weighted_log_ratio(weight: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Elementwise `weight * (log_a - log_b)`, exactly 0 where `weight == 0`.
+
+    The difference is masked *before* the product, so a -inf - (-inf) = NaN never reaches the value or
+    the gradient (the classic `torch.where` NaN-gradient trap). Where weight > 0 and log_b = -inf the
+    result is +inf, which is the true value.
+    """
+    live = weight > 0
+    diff = torch.where(live, log_a - log_b, torch.zeros_like(log_a))
+    return weight * diff
+
+
+def safe_log(x: torch.Tensor) -> torch.Tensor:
+    """log(x) for x >= 0 with log(0) = -inf and a zero (not NaN/inf) gradient at 0."""
+    pos = x > 0
+    return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))), torch.full_like(x, -math.inf))
+
+
+def safe_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """logsumexp over `dim` that returns -inf for an all -inf slice with a zero gradient.
+
+    `torch.logsumexp` back-propagates exp(x - out) = exp(-inf + inf) = NaN there, which poisons the
+    whole batch even when the caller multiplies the result by 0.
+    """
+    shift = x.detach().amax(dim=dim, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    total = (x - shift).exp().sum(dim=dim)
+    return safe_log(total) + shift.squeeze(dim)
+
+
+def log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(weight * a + (1 - weight) * b) from log-probs, stable for weight in [0, 1] (ends included)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"mixture weight must lie in [0, 1], got {weight}")
+    log_w = math.log(weight) if weight > 0 else -math.inf
+    log_1w = math.log1p(-weight) if weight < 1 else -math.inf
+    return safe_logsumexp(torch.stack([log_a + log_w, log_b + log_1w]), dim=0)
+
+
+def kl_from_log_probs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) = sum_v a_v (log a_v - log b_v), per row [..., V] -> [...], with 0 log 0 = 0."""
+    return weighted_log_ratio(log_a.exp(), log_a, log_b).sum(-1)
+
+
+def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`masked_mean` after zeroing masked-out entries, so garbage (inf/NaN) there cannot leak in."""
+    mask = mask.bool()
+    return masked_mean(torch.where(mask, values, torch.zeros_like(values)), mask)
+
+
+# --------------------------------------------------------------------------- divergences, [B,T,V] -> [B,T]
+
+
+def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """FKL = KL(p || q) = sum_v p_v (log p_v - log q_v). Returns [B, T]."""
+    lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
+    return kl_from_log_probs(lp, lq)
+
+
+def reverse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """RKL = KL(q || p) = sum_v q_v (log q_v - log p_v). Returns [B, T]."""
+    lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
+    return kl_from_log_probs(lq, lp)
+
+
+def symmetric_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, lam: float = 0.9) -> torch.Tensor:
+    """SKL = (1 - lam) KL(p || q) + lam KL(q || p) (DistiLLM's lam = 0.9). Returns [B, T]."""
+    lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
+    return (1.0 - lam) * kl_from_log_probs(lp, lq) + lam * kl_from_log_probs(lq, lp)
+
+
+def js_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalised JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q (GKD).
+
+    beta in [0, 1]; both ends are exactly 0 (m equals the distribution that carries weight) and finite.
+    Note trl's GKD code instead *defines* beta=0/1 as FKL/RKL; use "fkl"/"rkl" for those. Returns [B, T].
+    """
+    lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
+    lm = log_mixture(lp, lq, beta)
+    out = torch.zeros(lp.shape[:-1], dtype=lp.dtype, device=lp.device)
+    # Skipping a zero-weight term avoids 0 * inf when the other distribution has -inf where this has mass.
+    if beta > 0:
+        out = out + beta * kl_from_log_probs(lp, lm)
+    if beta < 1:
+        out = out + (1.0 - beta) * kl_from_log_probs(lq, lm)
+    return out
+
+
+def total_variation(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """TVD = 0.5 sum_v |p_v - q_v|. Returns [B, T]."""
+    lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
+    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+
+
+def skew_forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """Skew FKL(alpha) = KL(p || alpha p + (1 - alpha) q) (DistiLLM, alpha = 0.1). alpha=0 is FKL. [B, T]."""
+    lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
+    return kl_from_log_probs(lp, log_mixture(lp, lq, alpha))
+
+
+def skew_reverse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """Skew RKL(alpha) = KL(q || alpha q + (1 - alpha) p) (DistiLLM, alpha = 0.1). alpha=0 is RKL. [B, T]."""
+    lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
+    return kl_from_log_probs(lq, log_mixture(lq, lp, alpha))
+
+
+def adaptive_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
+    """AKL (Wu et al. 2024, arXiv 2404.02657) = w_head * FKL + w_tail * RKL. Returns [B, T].
+
+    Sort p descending; the head is the top-1 class plus every class whose inclusive cumulative teacher
+    mass is <= mu, the tail is the rest (the split of the authors' code). g_head / g_tail = sum |p_v - q_v|
+    over each part; w_head = g_head / (g_head + g_tail), w_tail = g_tail / (g_head + g_tail), detached
+    (when p == q both gaps vanish and so do both KLs, so the 0/0 is resolved to weight 0).
+    """
+    lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
+    p_sorted, order = lp.exp().sort(dim=-1, descending=True, stable=True)
+    q_sorted = lq.detach().exp().gather(-1, order)
+    gap = (p_sorted - q_sorted).abs()
+    head = p_sorted.cumsum(-1) <= mu
+    head[..., 0] = True
+    g_head = torch.where(head, gap, torch.zeros_like(gap)).sum(-1)
+    g_tail = torch.where(head, torch.zeros_like(gap), gap).sum(-1)
+    denom = (g_head + g_tail).clamp_min(torch.finfo(gap.dtype).tiny)
+    return (g_head / denom) * kl_from_log_probs(lp, lq) + (g_tail / denom) * kl_from_log_probs(lq, lp)
+
+
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
+    "fkl": forward_kl,
+    "rkl": reverse_kl,
+    "skl": symmetric_kl,
+    "jsd": js_divergence,
+    "tvd": total_variation,
+    "sfkl": skew_forward_kl,
+    "srkl": skew_reverse_kl,
+    "akl": adaptive_kl,
+}
+
+
+def divergence_loss(
+    name: str,
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    **params: float,
+) -> torch.Tensor:
+    """Mean over masked tokens of `DIVERGENCES[name](teacher_logits, student_logits, **params)`.
+
+    teacher/student logits [B, T, V], mask [B, T] bool. Returns a 0-dim tensor; an empty mask gives 0.
+    """
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; choose one of: {', '.join(DIVERGENCES)}")
+    return token_mean(DIVERGENCES[name](teacher_logits, student_logits, **params), mask)
+
+
+def align_vocab(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate both [..., V_model] logits to the first `vocab_size` columns (the shared tokenizer length).
+
+    Models often pad their output matrix past the tokenizer (e.g. to a multiple of 64); those padding
+    rows are never real tokens and differ between teacher and student.
+    """
+    widths = (teacher_logits.shape[-1], student_logits.shape[-1])
+    if vocab_size < 1 or vocab_size > min(widths):
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {min(widths)}] for logits widths {widths}")
+    return teacher_logits[..., :vocab_size], student_logits[..., :vocab_size]

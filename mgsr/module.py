@@ -1,0 +1,211 @@
+"""DistillModule: wires a frozen teacher, a student and the loss objects. No math of its own.
+
+    L = w_sft * L_SFT(gold) + w_distill * L_distill(distillation sequences) + w_span * L_span(same)
+
+Distillation sequences are the SCRG-revised student rollouts that `ScrgCallback` puts in
+`self.distill_sequences` before each step; without the callback (KD) they are the gold batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+
+import lightning as L
+import numpy as np
+import torch
+
+from mgsr.evaluation.metrics import rouge_l_per_example
+from mgsr.generation import SamplingConfig, generate, position_ids
+from mgsr.losses.divergences import align_vocab
+from mgsr.losses.sft import sft_loss
+from mgsr.models import shared_vocab_size
+from mgsr.scrg import RevisionStats, ScrgConfig, rollout_and_revise
+
+
+def response_logits(model, seqs: dict, **kw) -> torch.Tensor:
+    """Logits that predict each response token, [B, R, V] (only the last R+1 columns are computed)."""
+    P, ids = seqs["prompt_len"], seqs["input_ids"]
+    out = model(input_ids=ids, attention_mask=seqs["attention_mask"], position_ids=position_ids(seqs["attention_mask"]),
+                logits_to_keep=ids.shape[1] - P + 1, **kw)
+    return out.logits[:, :-1]
+
+
+def _batch_to(seqs: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in seqs.items()}
+
+
+class DistillModule(L.LightningModule):
+    def __init__(self, student, tokenizer, *, teacher=None, sft_weight: float = 1.0, distill=None,
+                 distill_weight: float = 1.0, span=None, span_weight: float = 1.0, scrg: ScrgConfig | None = None,
+                 train_sampling: SamplingConfig | None = None, val_sampling: SamplingConfig | None = None,
+                 optim: dict | None = None, val_generate: int = 64, seed: int = 0):
+        super().__init__()
+        self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            self.vocab = shared_vocab_size(tokenizer, teacher, student)
+        self.sft_weight, self.distill_weight, self.span_weight = sft_weight, distill_weight, span_weight
+        self.distill = distill if distill_weight > 0 else None
+        self.span = span if span_weight > 0 else None
+        if (self.distill is not None or self.span is not None) and teacher is None:
+            raise ValueError("distillation losses need a teacher: set model.teacher or use loss=sft")
+        self.scrg = scrg or ScrgConfig()
+        self.train_sampling = train_sampling or SamplingConfig()
+        self.val_sampling = val_sampling or SamplingConfig()
+        self.optim = {"lr": 5e-4, "weight_decay": 0.01, "betas": (0.9, 0.999), "warmup_steps": 0,
+                      "min_lr": 1e-7, "head_lr": None, **(optim or {})}
+        self.val_generate, self.seed = val_generate, seed
+        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.distill_sequences = None
+        self.timing = defaultdict(float)
+        self.sample_gen = torch.Generator().manual_seed(seed)
+        self._val_scores: list[float] = []
+
+    # -- keep the teacher frozen whatever Lightning does to the train/eval mode ----------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    # -- distillation sequences -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def make_student_sequences(self, batch: dict) -> dict:
+        """Student rollouts on the batch's prompts, revised by `scrg.rounds` SCRG rounds."""
+        was_training = self.student.training
+        self.student.eval()
+        if self.sample_gen.device != self.device:
+            state = self.sample_gen.get_state()
+            self.sample_gen = torch.Generator(self.device)
+            self.sample_gen.set_state(state) if self.device.type == "cpu" else self.sample_gen.manual_seed(self.seed)
+        stats = RevisionStats()
+        try:
+            seqs = rollout_and_revise(
+                self.teacher, self.student, batch["prompt_ids"], batch["prompt_attention_mask"], self.scrg,
+                self.train_sampling, eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen, stats=stats,
+            )
+        finally:
+            self.student.train(was_training)
+        for k, v in stats.summary().items():
+            self.log(f"scrg/{k}", v, on_step=True, batch_size=batch["input_ids"].shape[0])
+        return seqs
+
+    # -- training -------------------------------------------------------------------------------------------
+    def _distill_terms(self, seqs: dict, student_logits=None) -> tuple[torch.Tensor, dict]:
+        P = seqs["prompt_len"]
+        mask = seqs["response_mask"][:, P:]
+        with torch.no_grad():
+            t_logits = response_logits(self.teacher, seqs)
+        s_logits = response_logits(self.student, seqs) if student_logits is None else student_logits
+        t_logits, s_logits = align_vocab(t_logits, s_logits, self.vocab)
+        total, logs = s_logits.new_zeros(()).float(), {}
+        if self.distill is not None:
+            loss, parts = self.distill(t_logits, s_logits, mask)
+            total = total + self.distill_weight * loss
+            logs[f"{self.distill.group}/loss"] = float(loss)
+            logs.update({f"{self.distill.group}/{k}": v for k, v in parts.items()})
+        if self.span is not None:
+            loss, parts = self.span(t_logits, s_logits, mask, tokenizer=self.tokenizer,
+                                    response_ids=seqs["input_ids"][:, P:])
+            total = total + self.span_weight * loss
+            logs["span/loss"] = float(loss)
+            logs.update({f"span/{k}": v for k, v in parts.items()})
+        return total, logs
+
+    def training_step(self, batch, batch_idx):
+        bsz = batch["input_ids"].shape[0]
+        P = batch["prompt_len"]
+        total, logs = 0.0, {}
+        gold_logits = None
+        if self.sft_weight > 0:
+            gold_logits = response_logits(self.student, batch)
+            l_sft = sft_loss(gold_logits, batch["input_ids"][:, P:], batch["response_mask"][:, P:])
+            total = total + self.sft_weight * l_sft
+            logs["train/sft"] = float(l_sft)
+        if self.distill is not None or self.span is not None:
+            seqs = self.distill_sequences
+            if seqs is None:  # teacher-forced on the gold response: re-use the student forward above
+                seqs = batch
+            else:
+                gold_logits = None
+                seqs = _batch_to(seqs, self.device)
+            l_distill, parts = self._distill_terms(seqs, gold_logits if seqs is batch else None)
+            total = total + l_distill
+            logs.update(parts)
+            logs["train/distill_tokens"] = float(seqs["response_mask"].sum()) / bsz
+        self.distill_sequences = None
+        self.log("train/loss", total, prog_bar=True, on_step=True, batch_size=bsz)
+        self.log_dict(logs, on_step=True, batch_size=bsz)
+        return total
+
+    # -- validation: teacher-forced loss + sampled ROUGE-L on the first `val_generate` prompts --------------
+    def validation_step(self, batch, batch_idx):
+        P, bsz = batch["prompt_len"], batch["input_ids"].shape[0]
+        logits = response_logits(self.student, batch)
+        self.log("val/sft", sft_loss(logits, batch["input_ids"][:, P:], batch["response_mask"][:, P:]),
+                 batch_size=bsz, sync_dist=True)
+        seen = batch_idx * bsz
+        if seen < self.val_generate:
+            n = min(bsz, self.val_generate - seen)
+            gen = torch.Generator(self.device).manual_seed(self.seed * 1000 + batch_idx)
+            out = generate(self.student, batch["prompt_ids"][:n], batch["prompt_attention_mask"][:n],
+                           self.val_sampling, eos_id=self.eos_id, pad_id=self.pad_id, generator=gen)
+            texts = self.decode_responses(out)
+            self._val_scores.extend(rouge_l_per_example(texts, batch["references"][:n]))
+
+    def on_validation_epoch_end(self):
+        if self._val_scores:
+            score = torch.tensor(sum(self._val_scores) / len(self._val_scores), device=self.device)
+            self.log("val/rougeL", score, prog_bar=True, sync_dist=True)
+        self._val_scores = []
+
+    def decode_responses(self, seqs: dict) -> list[str]:
+        P = seqs["prompt_len"]
+        ids = seqs["input_ids"][:, P:].masked_fill(~seqs["response_mask"][:, P:], self.pad_id)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        decay = [p for n, p in self.student.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in self.student.named_parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+        head_params = [p for p in (self.distill.parameters() if self.distill is not None else []) if p.requires_grad]
+        if head_params:  # DAC-KL's f_sub trains jointly with its own lr if given
+            head_lr = getattr(self.distill, "lr", None) or o["head_lr"] or o["lr"]
+            groups.append({"params": head_params, "weight_decay": 0.0, "lr": head_lr})
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warm, floor = int(o["warmup_steps"]), float(o["min_lr"])
+
+        def schedule(step, base):
+            if step < warm:
+                return (step + 1) / warm
+            t = min((step - warm) / max(total - warm, 1), 1.0)
+            return (floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * t))) / base
+
+        lambdas = [lambda s, b=g.get("lr", o["lr"]): schedule(s, b) for g in opt.param_groups]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints: no teacher weights (reloaded from their source), RNG states for exact resume -----------
+    def on_save_checkpoint(self, checkpoint):
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith("teacher.")]:
+            del sd[k]
+        checkpoint["student_config"] = self.student.config.to_dict()
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": np.random.get_state(), "sample_gen": self.sample_gen.get_state()}
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.teacher is not None:  # the teacher is not stored; put the loaded one back so loading is strict
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            self.sample_gen = torch.Generator().manual_seed(0)
+            self.sample_gen.set_state(rng["sample_gen"])

@@ -1,0 +1,270 @@
+"""The training recipe, top to bottom: tokenizer -> data -> teacher (fine-tuned and cached if needed) ->
+student -> losses -> Lightning fit -> evaluation of the selected checkpoint -> results on disk.
+
+`train.py` is a thin Hydra wrapper around `run(cfg)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mgsr.callbacks import CostCallback, ScrgCallback
+from mgsr.config import ConfigError, to_container, validate
+from mgsr.data.datamodule import DistillDataModule
+from mgsr.data.synthetic import make_synthetic_splits, synthetic_corpus
+from mgsr.data.tokenizer import load_or_build_tokenizer
+from mgsr.evaluation.run import EvalSettings, evaluate_sets
+from mgsr.evaluation.tables import markdown_table
+from mgsr.generation import SamplingConfig
+from mgsr.models import build_from_config, check_tokenizers, freeze, load_model, load_tokenizer
+from mgsr.module import DistillModule
+from mgsr.scrg import ScrgConfig
+
+log = logging.getLogger("mgsr")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# -- tokenizer and data ------------------------------------------------------------------------------------------
+def build_tokenizer(cfg: DictConfig):
+    spec = cfg.model.tokenizer
+    if spec.get("name_or_path"):
+        return load_tokenizer(spec.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.student.get("name_or_path"):
+        return load_tokenizer(cfg.model.student.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    # Offline default: a BPE trained on the synthetic corpus, cached by what determines it.
+    key = _hash({"vocab": spec.vocab_size, "data_seed": cfg.data.seed, "n_train": cfg.data.n_train})
+    texts = lambda: synthetic_corpus(make_synthetic_splits(cfg.data.seed, cfg.data.n_train, 0, 0)["train"])  # noqa: E731
+    return load_or_build_tokenizer(str(Path(cfg.cache_dir) / f"tokenizer-{key}"), texts, spec.vocab_size)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer, **overrides) -> DistillDataModule:
+    d = {k: v for k, v in to_container(cfg.data).items() if not k.startswith("_")}
+    d.update(overrides)
+    return DistillDataModule(tokenizer=tokenizer, **d)
+
+
+def eval_sets(dm: DistillDataModule) -> dict[str, list[dict]]:
+    return {"test": dm.records["test"]}
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+def build_student(cfg: DictConfig, tokenizer):
+    spec = cfg.model.student
+    if spec.get("name_or_path"):
+        model = load_model(spec.name_or_path, dtype=spec.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        model = build_from_config(to_container(spec.arch), tokenizer, seed=cfg.seed).to(_dtype(spec.dtype))
+    if cfg.model.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    if cfg.model.get("lora") and cfg.model.lora.get("enabled"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = {k: v for k, v in to_container(cfg.model.lora).items() if k != "enabled"}
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    return model
+
+
+def _dtype(name):
+    from mgsr.models import torch_dtype
+
+    return torch_dtype(name)
+
+
+def ensure_teacher(cfg: DictConfig, tokenizer, dm: DistillDataModule):
+    """The frozen teacher. With no `name_or_path`, fine-tune `arch` on the training split with SFT first and
+    cache the result (a second run with the same settings skips that stage)."""
+    spec = cfg.model.teacher
+    if spec.get("name_or_path"):
+        teacher = load_model(spec.name_or_path, dtype=spec.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.model.tokenizer.get("name_or_path") is None and cfg.model.student.get("name_or_path"):
+            check_tokenizers(load_tokenizer(spec.name_or_path), tokenizer)
+        return freeze(teacher)
+    sft = to_container(cfg.model.teacher_sft)
+    key = _hash({"arch": to_container(spec.arch), "sft": sft, "data": to_container(cfg.data),
+                 "vocab": len(tokenizer), "tok": _hash(tokenizer.get_vocab())})
+    path = Path(cfg.cache_dir) / f"teacher-{key}"
+    if (path / "config.json").is_file():
+        log.info("teacher: using cached fine-tuned teacher %s", path)
+        return freeze(load_model(str(path), dtype=spec.dtype))
+    log.info("teacher: no checkpoint given, fine-tuning %s on the training split first (cached at %s)",
+             dict(spec.arch), path)
+    t0 = time.perf_counter()
+    model = build_from_config(to_container(spec.arch), tokenizer, seed=sft["seed"])
+    module = DistillModule(model, tokenizer, sft_weight=1.0, distill_weight=0.0, span_weight=0.0,
+                           optim={"lr": sft["lr"]}, val_generate=0, seed=sft["seed"])
+    teacher_dm = build_datamodule(cfg, tokenizer, batch_size=sft["batch_size"])
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, max_steps=sft["max_steps"], max_epochs=-1,
+                        logger=False, enable_checkpointing=False, gradient_clip_val=1.0, limit_val_batches=0,
+                        enable_progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)),
+                        enable_model_summary=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sft["seed"])
+        trainer.fit(module, datamodule=teacher_dm)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # atomic: a killed run never leaves half a teacher
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    log.info("teacher: fine-tuned in %.0fs, saved to %s", time.perf_counter() - t0, path)
+    return freeze(load_model(str(path), dtype=spec.dtype))
+
+
+# -- losses, callbacks, loggers ---------------------------------------------------------------------------------
+def scrg_config(cfg: DictConfig) -> ScrgConfig:
+    s = cfg.scrg
+    return ScrgConfig(rounds=s.rounds, mode=s.mode, teacher_token=s.teacher_token, divergence=s.divergence,
+                      threshold_mode=s.threshold_mode, threshold=s.threshold, quantile=s.quantile,
+                      max_corrections=s.max_corrections)
+
+
+def build_module(cfg: DictConfig, student, teacher, tokenizer) -> DistillModule:
+    loss = cfg.loss
+    distill = instantiate(loss.distill) if loss.get("distill") is not None and loss.distill_weight > 0 else None
+    span = instantiate(loss.span) if loss.get("span") is not None and loss.span_weight > 0 else None
+    val = SamplingConfig(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                         top_k=cfg.eval.top_k, top_p=cfg.eval.top_p)  # no n-gram ban for selection (METHOD.md 7)
+    return DistillModule(
+        student, tokenizer, teacher=teacher, sft_weight=loss.sft_weight, distill=distill,
+        distill_weight=loss.distill_weight, span=span, span_weight=loss.span_weight, scrg=scrg_config(cfg),
+        train_sampling=SamplingConfig(**to_container(cfg.scrg.sampling)), val_sampling=val,
+        optim=to_container(cfg.optim), val_generate=cfg.val_generate, seed=cfg.seed,
+    )
+
+
+def uses_student_sequences(cfg: DictConfig) -> bool:
+    distills = cfg.loss.distill_weight > 0 or cfg.loss.span_weight > 0
+    return bool(distills and cfg.scrg.enabled)
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = []
+    if cfg.logger.csv.enabled:
+        loggers.append(CSVLogger(str(run_dir), name="csv", version=""))
+    w = cfg.logger.wandb
+    if w.enabled and w.mode != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            loggers.append(WandbLogger(project=w.project, entity=w.entity, name=cfg.name, group=cfg.group,
+                                       save_dir=str(run_dir), offline=w.mode == "offline",
+                                       mode=w.mode, config=OmegaConf.to_container(cfg, resolve=True)))
+        except Exception as e:  # noqa: BLE001 - W&B must never block a run
+            log.warning("W&B logger unavailable (%s); continuing with CSV only", e)
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = list(callbacks)
+    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.checkpoint.monitor, mode="max",
+                                     save_top_k=1, save_last=False))
+    callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+                                     save_top_k=1, save_last=False, enable_version_counter=False))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar())
+    kwargs = {k: v for k, v in to_container(cfg.trainer).items() if not k.startswith("_")}
+    if isinstance(kwargs.get("strategy"), dict):
+        kwargs["strategy"] = instantiate(cfg.trainer.strategy)
+    return L.Trainer(**kwargs, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir),
+                     enable_model_summary=False)
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    validate(cfg)  # before anything loads
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    tokenizer = build_tokenizer(cfg)
+    dm = build_datamodule(cfg, tokenizer)
+    dm.setup("fit")
+    distills = cfg.loss.distill_weight > 0 or cfg.loss.span_weight > 0
+    teacher = ensure_teacher(cfg, tokenizer, dm) if distills else None
+    student = build_student(cfg, tokenizer)
+    module = build_module(cfg, student, teacher, tokenizer)
+
+    cost = CostCallback()
+    callbacks = [cost]
+    if uses_student_sequences(cfg):
+        callbacks.append(ScrgCallback(every_n_steps=cfg.scrg.every_n_steps, buffer_capacity=cfg.scrg.buffer_capacity,
+                                      student_prob=cfg.scrg.student_prob, seed=cfg.seed))
+    loggers = build_loggers(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks, loggers)
+    ckpt = cfg.ckpt_path
+    if ckpt == "last":
+        ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+
+    results = {"name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir), "data_stats": dm.stats,
+               "train_cost": cost.summary(module), "val": {k: float(v) for k, v in trainer.callback_metrics.items()
+                                                           if k.startswith("val/")}}
+    best = _best_checkpoint(trainer)
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+        results["checkpoint"] = best
+    if trainer.is_global_zero:
+        student.save_pretrained(run_dir / "student")
+        tokenizer.save_pretrained(run_dir / "student")
+        if cfg.eval.enabled:
+            settings = eval_settings(cfg)
+            results["eval"] = evaluate_sets(student, tokenizer, eval_sets(dm), settings, log=log.info)
+            results["table"] = markdown_table(results["eval"]["summary"],
+                                              metrics=("rougeL", "distinct_1", "distinct_2", "exact_match",
+                                                       "tokens_per_s"))
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+        if "table" in results:
+            (run_dir / "results.md").write_text(results["table"])
+        _log_summary(loggers, results)
+    return results
+
+
+def eval_settings(cfg: DictConfig) -> EvalSettings:
+    e = cfg.eval
+    return EvalSettings(seeds=tuple(e.seeds), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                        temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
+                        no_repeat_ngram_size=e.no_repeat_ngram_size, max_prompt_len=cfg.data.max_prompt_len,
+                        limit=e.limit)
+
+
+def _best_checkpoint(trainer) -> str | None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
+            return cb.best_model_path
+    return None
+
+
+def _log_summary(loggers, results):
+    summary = results.get("eval", {}).get("summary", {})
+    flat = {f"test/{s}/{m}": v[0] for s, ms in summary.items() for m, v in ms.items()
+            if isinstance(v, (tuple, list))}
+    flat.update({f"cost/{k}": v for k, v in results.get("train_cost", {}).items()})
+    for lg in loggers:
+        try:
+            lg.log_metrics(flat)
+            lg.save()
+        except Exception as e:  # noqa: BLE001
+            log.warning("logger %s failed to record the summary: %s", type(lg).__name__, e)
+
+
+__all__ = ["run", "ConfigError"]

@@ -1,0 +1,67 @@
+"""Replay buffer of distillation sequences (SCRG between triggers; DistiLLM's off-policy re-use).
+
+Stores one example per entry as CPU tensors (prompt ids and response ids, unpadded), so examples from
+batches of different widths mix freely; `sample` re-pads them into the canonical layout.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int = 256, seed: int = 0):
+        if capacity <= 0:
+            raise ValueError(f"replay buffer capacity must be > 0, got {capacity}")
+        self.capacity = capacity
+        self.items: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._next = 0  # ring position once full
+        self._rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, seqs: dict) -> None:
+        """Split a canonical-layout batch into rows and store them (oldest overwritten first)."""
+        P = seqs["prompt_len"]
+        for b in range(seqs["input_ids"].shape[0]):
+            prompt = seqs["input_ids"][b, :P][seqs["attention_mask"][b, :P].bool()].cpu()
+            resp = seqs["input_ids"][b, P:][seqs["response_mask"][b, P:]].cpu()
+            if len(self.items) < self.capacity:
+                self.items.append((prompt, resp))
+            else:
+                self.items[self._next] = (prompt, resp)
+                self._next = (self._next + 1) % self.capacity
+
+    def sample(self, n: int, *, pad_id: int, device=None) -> dict:
+        if not self.items:
+            raise RuntimeError("replay buffer is empty: sample only after the first add")
+        rows = [self.items[self._rng.randrange(len(self.items))] for _ in range(n)]
+        return pad_rows(rows, pad_id=pad_id, device=device)
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "items": self.items, "next": self._next, "rng": self._rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.capacity, self.items, self._next = state["capacity"], list(state["items"]), state["next"]
+        self._rng.setstate(state["rng"])
+
+
+def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], *, pad_id: int, device=None) -> dict:
+    """(prompt, response) id pairs -> canonical layout (prompt left-padded, response right-padded)."""
+    P = max(len(p) for p, _ in rows)
+    R = max(max(len(r) for _, r in rows), 1)
+    B = len(rows)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    resp_mask = torch.zeros((B, P + R), dtype=torch.bool)
+    for b, (p, r) in enumerate(rows):
+        ids[b, P - len(p):P], attn[b, P - len(p):P] = p, 1
+        ids[b, P:P + len(r)], attn[b, P:P + len(r)], resp_mask[b, P:P + len(r)] = r, 1, True
+    out = {"input_ids": ids, "attention_mask": attn, "response_mask": resp_mask, "prompt_len": P,
+           "prompt_ids": ids[:, :P], "prompt_attention_mask": attn[:, :P]}
+    if device is not None:
+        out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in out.items()}
+    return out

@@ -1,0 +1,293 @@
+"""Span priors for the span-level loss (METHOD.md section 4, step 1).
+
+A *span* is a run of response tokens that belong to one syntactic chunk; the span loss only looks at
+adjacent token pairs (i, i+1) inside a span.
+
+NLTK backend (default): the text is split into sentences with Punkt (``punkt_tab``), each sentence into
+words with NLTK's Treebank word tokenizer (what ``word_tokenize`` uses), the words are tagged with the
+averaged-perceptron tagger (``averaged_perceptron_tagger_eng``) and chunked by ``RegexpParser`` with
+``DEFAULT_GRAMMAR``. Every top-level NP / PP / VP subtree is a chunk; its character span runs from its
+first to its last word as found in the text (found by a forward search, because the word tokenizer
+rewrites quotes to ``\\`\\``` / ``''``; words that cannot be found are skipped).
+
+Chunks are mapped to tokens by character overlap: token k covers ``[off_k, off_k + len(text_k))`` of
+``"".join(token_texts)``, minus leading/trailing whitespace; a token belongs to a chunk when that trimmed
+range overlaps the chunk (whitespace-only and special tokens belong to none). A chunk gives the token
+range ``[first, last + 1)`` and is kept when it overlaps ``>= min_tokens`` tokens. A token that straddles
+two chunks belongs to both, so spans may share their edge token.
+
+NLTK data is never downloaded. ``nltk_data_dir`` (config key ``span.nltk_data``) is put at the front of
+``nltk.data.path``. If the resources are missing, or ``use_nltk=False``, the **fallback rule** is used and
+a warning is emitted once per process:
+
+    Fallback rule: spans are maximal runs of consecutive tokens whose text contains at least one
+    alphanumeric character and none of the sentence punctuation characters ``. , ; : ! ?`` or a newline,
+    kept when the run has ``>= min_tokens`` tokens.
+
+(``char_spans`` under the fallback applies the rule to the raw text: maximal runs of words -- letters and
+digits, with inner ``'`` or ``-`` -- separated only by spaces or tabs; any other character or a newline
+ends a run.)
+
+Spans are cached per sequence of token ids (LRU), because they only change when SCRG changes a sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRAMMAR = r"""
+NP: {<DT|PRP\$|POS>?<JJ.*|CD|VBN|VBG>*<NN.*>+}
+PP: {<IN|TO><NP>}
+VP: {<MD>?<RB.*>?<VB.*>+<RP>?<RB.*>?}
+"""
+
+CHUNK_LABELS = frozenset({"NP", "PP", "VP"})
+NLTK_RESOURCES = ("tokenizers/punkt_tab/english/", "taggers/averaged_perceptron_tagger_eng/")
+SENTENCE_PUNCT = frozenset(".,;:!?\n")
+
+# Treebank rewrites double quotes; these are the texts a quote token may have come from.
+_QUOTE_SOURCES = {"``": ('"', "``", "\u201c", "''"), "''": ('"', "''", "\u201d", "``")}
+# Fallback pieces of raw text: words (letters/digits, inner ' or - allowed) and single other characters.
+_FALLBACK_PIECE = re.compile(r"\w+(?:['\u2019-]\w+)*|\S")
+
+_fallback_warned = False
+
+
+def reset_fallback_warning() -> None:
+    """Re-arm the once-per-process fallback warning (for tests)."""
+    global _fallback_warned
+    _fallback_warned = False
+
+
+def _warn_fallback(reason: str) -> None:
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    msg = (
+        f"Span priors: {reason}; using the fallback rule instead of NLTK chunking (spans = maximal runs of "
+        "tokens with an alphanumeric character and no sentence punctuation . , ; : ! ? or newline). "
+        "Point the config key `span.nltk_data` to an nltk_data directory holding punkt_tab and "
+        "averaged_perceptron_tagger_eng (e.g. shared/data/nltk_data); NLTK data is never downloaded."
+    )
+    log.warning(msg)
+    warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+def _is_word_token(text: str) -> bool:
+    return any(c.isalnum() for c in text) and not any(c in SENTENCE_PUNCT for c in text)
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) ranges of maximal runs of True in `flags`."""
+    runs, start = [], None
+    for k, flag in enumerate(flags):
+        if flag and start is None:
+            start = k
+        elif not flag and start is not None:
+            runs.append((start, k))
+            start = None
+    if start is not None:
+        runs.append((start, len(flags)))
+    return runs
+
+
+def _align_words(words: list[str], text: str) -> list[tuple[int, int] | None]:
+    """Char span of each word in `text`, searching forward; None for a word not found."""
+    spans: list[tuple[int, int] | None] = []
+    pos = 0
+    for word in words:
+        best = None
+        for source in _QUOTE_SOURCES.get(word, (word,)):
+            at = text.find(source, pos)
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, at + len(source))
+        spans.append(best)
+        if best is not None:
+            pos = best[1]
+    return spans
+
+
+class SpanExtractor:
+    """Syntactic span priors for response tokens; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        nltk_data_dir: str | None = None,
+        *,
+        min_tokens: int = 2,
+        grammar: str = DEFAULT_GRAMMAR,
+        use_nltk: bool = True,
+        cache_size: int = 65536,
+    ):
+        self.min_tokens = min_tokens
+        self.cache_size = cache_size
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._cache: OrderedDict[tuple[int, ...], list[tuple[int, int]]] = OrderedDict()
+        self._backend = "fallback"
+        if not use_nltk:
+            _warn_fallback("NLTK chunking disabled (use_nltk=False)")
+            return
+        reason = self._load_nltk(nltk_data_dir, grammar)
+        if reason is None:
+            self._backend = "nltk"
+        else:
+            _warn_fallback(reason)
+
+    def _load_nltk(self, nltk_data_dir: str | None, grammar: str) -> str | None:
+        """Load Punkt, the tagger and the chunker; returns why not, or None on success."""
+        try:
+            import nltk
+            from nltk.tag.perceptron import PerceptronTagger
+            from nltk.tokenize import NLTKWordTokenizer
+            from nltk.tokenize.punkt import PunktTokenizer
+        except ImportError:
+            return "nltk is not installed"
+        if nltk_data_dir is not None:
+            nltk_data_dir = str(nltk_data_dir)
+            if nltk_data_dir in nltk.data.path:
+                nltk.data.path.remove(nltk_data_dir)
+            nltk.data.path.insert(0, nltk_data_dir)
+        try:
+            for resource in NLTK_RESOURCES:
+                nltk.data.find(resource)
+            self._sentences = PunktTokenizer("english")
+            self._tagger = PerceptronTagger(load=True, lang="eng")
+        except LookupError:
+            names = ", ".join(NLTK_RESOURCES)
+            return f"NLTK data ({names}) not found in nltk.data.path (nltk_data_dir={nltk_data_dir!r})"
+        self._words = NLTKWordTokenizer()
+        # A bad grammar is a config error, not missing data: let it raise.
+        self._parser = nltk.RegexpParser(grammar)
+        return None
+
+    @property
+    def backend(self) -> str:
+        """Which rule is in use: "nltk" or "fallback"."""
+        return self._backend
+
+    # ---- text level -------------------------------------------------------------------------------------
+
+    def char_spans(self, text: str) -> list[tuple[int, int]]:
+        """[start, end) character spans of the top-level chunks of `text`, in order (no length filter)."""
+        if self._backend == "fallback":
+            return self._fallback_char_spans(text)
+        spans = []
+        for s_start, s_end in self._sentences.span_tokenize(text):
+            sentence = text[s_start:s_end]
+            words = self._words.tokenize(sentence)
+            if not words:
+                continue
+            word_spans = _align_words(words, sentence)
+            tree = self._parser.parse(self._tagger.tag(words))
+            leaf = 0
+            for child in tree:
+                n = len(child.leaves()) if hasattr(child, "label") else 1
+                if hasattr(child, "label") and child.label() in CHUNK_LABELS:
+                    found = [ws for ws in word_spans[leaf : leaf + n] if ws is not None]
+                    if found:
+                        spans.append((s_start + found[0][0], s_start + found[-1][1]))
+                leaf += n
+        return spans
+
+    @staticmethod
+    def _fallback_char_spans(text: str) -> list[tuple[int, int]]:
+        pieces = list(_FALLBACK_PIECE.finditer(text))
+        spans, start, prev_end = [], None, None
+        for m in pieces:
+            word = any(c.isalnum() for c in m.group())
+            joined = start is not None and "\n" not in text[prev_end : m.start()]
+            if word and joined:
+                prev_end = m.end()
+                continue
+            if start is not None:
+                spans.append((start, prev_end))
+            start, prev_end = (m.start(), m.end()) if word else (None, None)
+        if start is not None:
+            spans.append((start, prev_end))
+        return spans
+
+    # ---- token level ------------------------------------------------------------------------------------
+
+    def token_spans(self, token_texts: list[str]) -> list[tuple[int, int]]:
+        """[start, end) token ranges of chunks covering >= min_tokens tokens, sorted, de-duplicated.
+
+        token_texts: per-token decoded strings; token k covers chars [off_k, off_k + len(token_texts[k]))
+        of "".join(token_texts).
+        """
+        if self._backend == "fallback":
+            flags = [_is_word_token(t) for t in token_texts]
+            return [(s, e) for s, e in _runs(flags) if e - s >= self.min_tokens]
+        # Trimmed char ranges of the tokens that can belong to a chunk; increasing in both ends.
+        index, starts, ends = [], [], []
+        off = 0
+        for k, t in enumerate(token_texts):
+            stripped = t.strip()
+            if stripped:
+                a = off + len(t) - len(t.lstrip())
+                index.append(k)
+                starts.append(a)
+                ends.append(a + len(stripped))
+            off += len(t)
+        spans = set()
+        for cs, ce in self.char_spans("".join(token_texts)):
+            lo, hi = bisect_right(ends, cs), bisect_left(starts, ce)
+            if hi - lo >= self.min_tokens:
+                spans.add((index[lo], index[hi - 1] + 1))
+        return sorted(spans)
+
+    def spans_for_ids(self, tokenizer, ids: list[int]) -> list[tuple[int, int]]:
+        """token_spans of one id sequence, decoded token by token (special tokens -> ""); LRU-cached.
+
+        The cache key is tuple(ids) only, so one extractor should serve one tokenizer.
+        """
+        key = tuple(ids)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self.cache_hits += 1
+            self._cache.move_to_end(key)
+            return cached
+        self.cache_misses += 1
+        special = set(tokenizer.all_special_ids)
+        texts = tokenizer.batch_decode(
+            [[i] for i in key], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        spans = self.token_spans(["" if i in special else t for i, t in zip(key, texts)])
+        if self.cache_size > 0:
+            self._cache[key] = spans
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return spans
+
+    def pair_mask(self, tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """In-span adjacent-pair mask.
+
+        response_ids [B, T] long, response_mask [B, T] bool (columns P: of the canonical layout).
+        Returns bool [B, T-1] on response_ids.device: out[b, i] is True iff columns i and i+1 are both
+        response tokens, adjacent in the response, and inside the same span. Padding and special tokens
+        (EOS) never are.
+        """
+        B, T = response_ids.shape
+        # Plain python lists: per-element tensor writes would cost more than the cached lookup itself.
+        rows = [[False] * max(T - 1, 0) for _ in range(B)]
+        ids_rows = response_ids.detach().cpu().tolist()
+        mask_rows = response_mask.detach().cpu().bool().tolist()
+        for b in range(B):
+            cols = [t for t, keep in enumerate(mask_rows[b]) if keep]
+            if len(cols) < 2:
+                continue
+            row = rows[b]
+            for s, e in self.spans_for_ids(tokenizer, [ids_rows[b][t] for t in cols]):
+                for j in range(s, e - 1):
+                    if cols[j + 1] == cols[j] + 1:
+                        row[cols[j]] = True
+        return torch.tensor(rows, dtype=torch.bool).reshape(B, max(T - 1, 0)).to(response_ids.device)

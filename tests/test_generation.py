@@ -1,0 +1,104 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mgsr.generation import SamplingConfig, continue_generation, generate
+
+EOS, PAD = 1, 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=EOS,
+                     eos_token_id=EOS)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _prompts():
+    ids = torch.tensor([[PAD, PAD, 5, 6, 7], [8, 9, 10, 11, 12], [PAD, PAD, PAD, 13, 14]])
+    return ids, (ids != PAD).long()
+
+
+def _greedy_unpadded(model, prompt, n):
+    """Reference: one row, no padding, no cache, argmax each step."""
+    ids = prompt[None]
+    out = []
+    for _ in range(n):
+        nxt = model(input_ids=ids).logits[0, -1].argmax()
+        out.append(int(nxt))
+        if nxt == EOS:
+            break
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    return out
+
+
+def _response(seqs, b):
+    P = seqs["prompt_len"]
+    return seqs["input_ids"][b, P:][seqs["response_mask"][b, P:]].tolist()
+
+
+def test_batched_greedy_matches_unpadded_reference(model):
+    ids, mask = _prompts()
+    cfg = SamplingConfig(max_new_tokens=8, greedy=True)
+    seqs = generate(model, ids, mask, cfg, eos_id=EOS, pad_id=PAD)
+    for b in range(3):
+        assert _response(seqs, b) == _greedy_unpadded(model, ids[b][mask[b].bool()], 8)
+    # layout: attention_mask is zero exactly on padding
+    assert torch.equal(seqs["attention_mask"][:, :5], mask)
+
+
+def test_sampling_is_seeded(model):
+    ids, mask = _prompts()
+    cfg = SamplingConfig(max_new_tokens=8)
+    a = generate(model, ids, mask, cfg, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(3))
+    b = generate(model, ids, mask, cfg, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(3))
+    c = generate(model, ids, mask, cfg, eos_id=EOS, pad_id=PAD, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(a["input_ids"], c["input_ids"])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_continuation_of_ragged_prefixes_matches_reference(model, use_cache):
+    ids, mask = _prompts()
+    cfg = SamplingConfig(max_new_tokens=10, greedy=True)
+    seqs = generate(model, ids, mask, SamplingConfig(max_new_tokens=10), eos_id=EOS, pad_id=PAD,
+                    generator=torch.Generator().manual_seed(0))
+    P = seqs["prompt_len"]
+    keep = torch.tensor([1, 3, 2])
+    # splice a "teacher token" at the last kept position of each row
+    spliced = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in seqs.items()}
+    for b, k in enumerate(keep.tolist()):
+        spliced["input_ids"][b, P + k - 1] = 20 + b
+        spliced["attention_mask"][b, P + k - 1] = 1
+        spliced["response_mask"][b, P + k - 1] = True
+    kwargs = {}
+    if use_cache:
+        out = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
+                    position_ids=(seqs["attention_mask"].cumsum(-1) - 1).clamp_min(0), use_cache=True)
+        kwargs = dict(cache=out.past_key_values, cache_valid=keep - 1)
+    res = continue_generation(model, spliced, keep, cfg, eos_id=EOS, pad_id=PAD, **kwargs)
+    for b in range(3):
+        prefix = spliced["input_ids"][b, P:P + keep[b]].tolist()
+        full_prompt = torch.cat([ids[b][mask[b].bool()], torch.tensor(prefix)])
+        ref = _greedy_unpadded(model, full_prompt, 10 - keep[b].item()) if prefix[-1] != EOS else []
+        got = _response(res, b)
+        assert got[: len(prefix)] == prefix  # prefix before the splice is unchanged
+        assert got[len(prefix):] == ref
+        assert len(got) <= 10
+
+
+def test_inactive_rows_come_back_unchanged(model):
+    ids, mask = _prompts()
+    seqs = generate(model, ids, mask, SamplingConfig(max_new_tokens=6), eos_id=EOS, pad_id=PAD,
+                    generator=torch.Generator().manual_seed(1))
+    active = torch.tensor([False, True, False])
+    res = continue_generation(model, seqs, torch.tensor([1, 1, 1]), SamplingConfig(max_new_tokens=6, greedy=True),
+                              eos_id=EOS, pad_id=PAD, active=active)
+    for b in (0, 2):
+        assert _response(res, b) == _response(seqs, b)
+
+
+def test_bad_sampling_config():
+    with pytest.raises(ValueError, match="max_new_tokens must be > 0"):
+        SamplingConfig(max_new_tokens=0)

@@ -1,0 +1,39 @@
+"""Distil a teacher into a student (MGSR by default). `python train.py` runs the embedded default end to end.
+
+    python train.py                                   # tiny teacher -> student with MGSR, offline, CPU
+    python train.py +experiment=ablation_fixed_clip   # a named experiment (conf/experiment/)
+    python train.py -m +experiment=ablation_loss_weights   # a sweep; then python -m mgsr.report multirun/...
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mgsr.config import ConfigError
+
+log = logging.getLogger("mgsr")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from mgsr.pipeline import run  # imported here so --help and config errors stay fast
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = run(cfg, run_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if "table" in results:
+        print(f"\n{cfg.name} — test split, mean ± std over seeds {results['eval']['seeds']}\n")
+        print(results["table"])
+    print(f"run directory: {run_dir}")
+    return results.get("val", {}).get("val/rougeL")  # the value an Optuna sweep maximises
+
+
+if __name__ == "__main__":
+    main()
