@@ -104,13 +104,13 @@ class DistillModule(L.LightningModule):
         if self.distill is not None:
             loss, parts = self.distill(t_logits, s_logits, mask)
             total = total + self.distill_weight * loss
-            logs[f"{self.distill.group}/loss"] = float(loss)
+            logs[f"{self.distill.group}/loss"] = float(loss.detach())
             logs.update({f"{self.distill.group}/{k}": v for k, v in parts.items()})
         if self.span is not None:
             loss, parts = self.span(t_logits, s_logits, mask, tokenizer=self.tokenizer,
                                     response_ids=seqs["input_ids"][:, P:])
             total = total + self.span_weight * loss
-            logs["span/loss"] = float(loss)
+            logs["span/loss"] = float(loss.detach())
             logs.update({f"span/{k}": v for k, v in parts.items()})
         return total, logs
 
@@ -123,7 +123,7 @@ class DistillModule(L.LightningModule):
             gold_logits = response_logits(self.student, batch)
             l_sft = sft_loss(gold_logits, batch["input_ids"][:, P:], batch["response_mask"][:, P:])
             total = total + self.sft_weight * l_sft
-            logs["train/sft"] = float(l_sft)
+            logs["train/sft"] = float(l_sft.detach())
         if self.distill is not None or self.span is not None:
             seqs = self.distill_sequences
             if seqs is None:  # teacher-forced on the gold response: re-use the student forward above
@@ -176,7 +176,7 @@ class DistillModule(L.LightningModule):
         if head_params:  # DAC-KL's f_sub trains jointly with its own lr if given
             head_lr = getattr(self.distill, "lr", None) or o["head_lr"] or o["lr"]
             groups.append({"params": head_params, "weight_decay": 0.0, "lr": head_lr})
-        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), foreach=True)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warm, floor = int(o["warmup_steps"]), float(o["min_lr"])
 
@@ -196,8 +196,11 @@ class DistillModule(L.LightningModule):
         for k in [k for k in sd if k.startswith("teacher.")]:
             del sd[k]
         checkpoint["student_config"] = self.student.config.to_dict()
+        # numpy's state goes in as a tensor so the checkpoint loads with torch.load(weights_only=True)
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": np.random.get_state(), "sample_gen": self.sample_gen.get_state()}
+                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                             "sample_gen": self.sample_gen.get_state()}
 
     def on_load_checkpoint(self, checkpoint):
         if self.teacher is not None:  # the teacher is not stored; put the loaded one back so loading is strict
@@ -206,6 +209,7 @@ class DistillModule(L.LightningModule):
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
+            kind, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
             self.sample_gen = torch.Generator().manual_seed(0)
             self.sample_gen.set_state(rng["sample_gen"])

@@ -65,7 +65,7 @@ class Divergence(nn.Module):
 
     def forward(self, teacher_logits, student_logits, mask):
         loss = divergence_loss(self.name, teacher_logits, student_logits, mask, **self.params)
-        logs = {self.name: float(loss)}
+        logs = {self.name: float(loss.detach())}
         if self.name != "fkl":  # the true forward KL, for comparing runs whatever they optimise
             with torch.no_grad():
                 fkl = forward_kl(teacher_logits, student_logits)

@@ -58,6 +58,8 @@ def build_datamodule(cfg: DictConfig, tokenizer, **overrides) -> DistillDataModu
 
 
 def eval_sets(dm: DistillDataModule) -> dict[str, list[dict]]:
+    if "test" not in dm.records:
+        dm.setup("test")
     return {"test": dm.records["test"]}
 
 

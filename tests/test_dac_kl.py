@@ -274,9 +274,14 @@ def test_gradient_reaches_student_not_teacher(kw: dict) -> None:
     t = _logits(19).requires_grad_()
     s = _logits(20).requires_grad_()
     lower, upper = _quantiles(21)
-    dac_kl_loss(t, s, MASK, lower, upper, **kw).loss.backward()
-    assert s.grad.abs().sum() > 0 and torch.isfinite(s.grad).all()
-    assert t.grad is None
+    out = dac_kl_loss(t, s, MASK, lower, upper, **kw)
+    out.loss.backward()
+    assert torch.isfinite(s.grad).all() and t.grad is None
+    if kw["band"] == "off" and kw["remainder"] == "drop":
+        # degenerate by construction: only the target survives, P = Q = [1], nothing to learn
+        assert out.kl.item() == 0.0 and s.grad.abs().sum() == 0
+    else:
+        assert s.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("band", ["mass", "logprob"])
@@ -315,10 +320,10 @@ def test_coverage_term_has_no_student_gradient(band: str) -> None:
         s = _logits(31).requires_grad_()
         lo, up = lower.clone().requires_grad_(), upper.clone().requires_grad_()
         dac_kl_loss(t, s, MASK, lo, up, band=band, beta=beta).loss.backward()
-        grads.append((s.grad, lo.grad))
+        grads.append((s.grad, lo.grad, up.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     if band != "off":  # but it does move the quantiles
-        assert (grads[0][1] - grads[1][1]).abs().sum() > 0
+        assert (grads[0][1] - grads[1][1]).abs().sum() + (grads[0][2] - grads[1][2]).abs().sum() > 0
 
 
 @pytest.mark.parametrize("band", ["mass", "logprob"])
@@ -379,6 +384,17 @@ def test_extreme_logits_finite(pair, kw: dict, lower: float, upper: float) -> No
     out.loss.backward()
     assert torch.isfinite(s.grad.float()).all()
     assert all(torch.isfinite(g).all() for g in (lo.grad, up.grad) if g is not None)
+
+
+def test_drop_with_underflowing_kept_mass_is_finite() -> None:
+    # one-hot teacher; the logprob band keeps only tail classes whose p underflows to 0 in float32,
+    # yet the renormalised P (uniform over them) is well defined and equals Q -> KL 0 (found by hypothesis)
+    t = torch.tensor([[[1e4, -1e4, -1e4, -1e4, -1e4]]])
+    s = torch.zeros(1, 1, 5, requires_grad=True)
+    out = dac_kl_loss(t, s, ONE, 0.25, 1.0, band="logprob", remainder="drop", target_class=False, hard=True)
+    assert out.kl.item() == pytest.approx(0.0, abs=1e-6)
+    out.loss.backward()
+    assert torch.isfinite(s.grad).all()
 
 
 # ----------------------------------------------------------------------------- heads

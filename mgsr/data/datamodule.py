@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lightning
 import torch
@@ -59,39 +59,57 @@ class EpochPermutationSampler(Sampler[int]):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position (epoch, batches yielded in it) is checkpointable.
+    """A DataLoader whose position in training (epoch, batches already yielded in it) is resumable.
 
-    Every ``iter()`` starts a new epoch (0, 1, 2, ...) with the permutation ``randperm(n, seed + epoch)``,
-    unless `load_state_dict` was called since: then the next ``iter()`` continues the saved epoch, skipping
-    the batches it had already yielded, so an interrupted run sees exactly the batches an uninterrupted one
-    would. Lightning's fit loop saves ``state_dict()`` of a train loader that has both methods in the
-    checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores it before the first ``iter()``
-    of a resumed mid-epoch run; `DistillDataModule` also carries the state, which covers resumption from an
-    end-of-epoch checkpoint. Single-process sampling only (no DistributedSampler).
+    Epoch e visits ``randperm(n, generator seeded with seed + e)`` (``range(n)`` when not shuffling); the
+    order is a pure function of (seed, epoch), so a resumed run can continue mid-epoch exactly. Where an
+    iteration starts is decided lazily, at its first ``next()``:
+
+    1. `position_fn()`, when given and not None: ``(epoch, batches_done)`` read from the trainer at that
+       moment (see `DistillDataModule`). Lightning's own loop counters are then the single source of truth,
+       which keeps resumption exact from any checkpoint (mid-epoch, last batch, end of epoch; epoch- or
+       step-bounded training), however Lightning chooses to restart its loops;
+    2. else a state given to `load_state_dict` (the saved epoch, after its `batches_yielded` batches; a
+       finished epoch continues with the next one);
+    3. else the epoch after the previous iteration's (0 for the first).
+
+    ``state_dict()`` is ``{"epoch", "batches_yielded"}``; Lightning stores it in the checkpoint (under
+    ``loops.fit_loop.state_dict.combined_loader``) since the loader defines both methods, and loads it back
+    when it restarts a run mid-epoch. Single process sampling: not for DistributedSampler.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int = 1, *, seed: int = 0, shuffle: bool = True, **kwargs):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int = 1,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        position_fn: Callable[[], tuple[int, int] | None] | None = None,
+        **kwargs,
+    ):
         sampler = EpochPermutationSampler(len(dataset), seed=seed, shuffle=shuffle)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.position_fn = seed, shuffle, position_fn
         self._epoch = -1  # epoch of the iteration in progress; -1 before the first
         self._batches_yielded = 0
         self._resume: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator:
-        if self._resume is not None:
-            epoch, skip = self._resume
+        return _EpochIterator(self)
+
+    def _start_iteration(self) -> Iterator:
+        pos = self.position_fn() if self.position_fn is not None else None
+        if pos is not None:
+            epoch, skip = pos
             self._resume = None
+        elif self._resume is not None:
+            (epoch, skip), self._resume = self._resume, None
         else:
             epoch, skip = self._epoch + 1, 0
         self._epoch, self._batches_yielded = epoch, skip
         self.sampler.epoch, self.sampler.skip = epoch, skip * self.batch_size
-        return self._counted(super().__iter__())
-
-    def _counted(self, it: Iterator) -> Iterator:
-        for batch in it:
-            self._batches_yielded += 1  # before the yield: a state saved while the batch is used counts it
-            yield batch
+        return DataLoader.__iter__(self)
 
     def state_dict(self) -> dict[str, int]:
         if self._resume is not None:
@@ -105,6 +123,24 @@ class ResumableDataLoader(DataLoader):
         if done >= len(self):  # that epoch was finished: the next iteration starts the following one
             epoch, done = epoch + 1, 0
         self._resume = (epoch, done)
+
+
+class _EpochIterator:
+    """One pass of a `ResumableDataLoader`, started at the first ``next()`` and counting yielded batches."""
+
+    def __init__(self, loader: ResumableDataLoader):
+        self.loader = loader
+        self.inner: Iterator | None = None
+
+    def __iter__(self) -> _EpochIterator:
+        return self
+
+    def __next__(self):
+        if self.inner is None:
+            self.inner = self.loader._start_iteration()
+        batch = next(self.inner)
+        self.loader._batches_yielded += 1  # counted when handed out: a state saved while it is used counts it
+        return batch
 
 
 class DistillDataModule(lightning.LightningDataModule):
@@ -155,8 +191,6 @@ class DistillDataModule(lightning.LightningDataModule):
         self.datasets: dict[str, FeatureDataset] = {}
         self.stats: dict[str, dict[str, int]] = {}
         self._synthetic: dict[str, list[dict]] | None = None
-        self._train_loader: ResumableDataLoader | None = None
-        self._pending_train_state: dict | None = None
 
     def split_path(self, split: str) -> str:
         name = self.files[split] or DOLLY_FILES[split]
@@ -198,12 +232,20 @@ class DistillDataModule(lightning.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         self.setup("fit")
         loader = ResumableDataLoader(self.datasets["train"], batch_size=self.batch_size, seed=self.seed, shuffle=True,
-                                     collate_fn=self.collator, num_workers=self.num_workers)
-        if self._pending_train_state is not None:
-            loader.load_state_dict(self._pending_train_state)
-            self._pending_train_state = None
-        self._train_loader = loader
+                                     collate_fn=self.collator, num_workers=self.num_workers,
+                                     position_fn=self._trainer_position)
         return loader
+
+    def _trainer_position(self) -> tuple[int, int] | None:
+        """(epoch, batches already trained in it) from the fitting trainer; None outside `Trainer.fit`.
+
+        Read at the first fetch of an epoch, when the epoch loop's `batch_progress.current.ready` is the
+        number of batches it has run in that epoch (0 on a fresh epoch, k when resumed after k).
+        """
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return None
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def _eval_loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
@@ -217,17 +259,3 @@ class DistillDataModule(lightning.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def state_dict(self) -> dict:
-        """The train loader's position, so that even a resumption Lightning does not treat as mid-epoch
-        (an end-of-epoch checkpoint) continues with the next epoch's permutation."""
-        if self._pending_train_state is not None:
-            return {"train_loader": dict(self._pending_train_state)}
-        if self._train_loader is not None:
-            return {"train_loader": self._train_loader.state_dict()}
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # applied to the loader the next train_dataloader() call builds (Lightning restores the datamodule
-        # before it requests the loader)
-        if "train_loader" in state_dict:
-            self._pending_train_state = dict(state_dict["train_loader"])

@@ -22,6 +22,7 @@ from torch import nn
 
 from mgsr.losses.divergences import (
     compute_dtype,
+    kl_from_log_probs,
     safe_log,
     safe_logsumexp,
     teacher_student_log_probs,
@@ -131,7 +132,8 @@ def dac_kl_loss(
     kappa: soft-mask sharpness; hard=True uses the 0/1 mask (no gradient to lower/upper).
     band: "mass" (cumulative-mass band, [ours]) | "logprob" (band on log-prob values) | "off" (no band).
     target_class: keep k* = argmax p as its own entry (True) or treat it like any other class (False).
-    remainder: "merge" (clipped classes form one entry, [ours]) | "drop" (renormalise the kept entries).
+    remainder: "merge" (clipped classes form one entry, [ours]) | "drop" (renormalise the kept entries;
+        with band="off" only the target is kept, so drop gives KL = 0 by construction).
     beta: weight of the coverage term, which depends only on the teacher and m, so it moves only l/u.
     Reduction: mean over masked tokens; an empty mask gives loss 0.
     """
@@ -159,20 +161,20 @@ def dac_kl_loss(
         m, rest, hard_mask = m * not_target, rest * not_target, hard_mask * not_target
     keep = m + target  # weight with which each class enters a kept (band or target) entry
 
-    kept_kl = weighted_log_ratio(keep * p_s, lp_s, lq_s).sum(-1)  # band entries + target entry
     if remainder == "merge":
+        kept_kl = weighted_log_ratio(keep * p_s, lp_s, lq_s).sum(-1)  # band entries + target entry
         log_rest = safe_log(rest)
         log_r_p = safe_logsumexp(log_rest + lp_s)  # masked sums in log space: no 1 - coverage cancellation
         log_r_q = safe_logsumexp(log_rest + lq_s)
         kl = kept_kl + weighted_log_ratio(log_r_p.exp(), log_r_p, log_r_q)
     else:
+        # Renormalise in log space (log-softmax over the kept entries): Z_p can underflow to 0 in linear
+        # space while the renormalised P is perfectly well defined.
         log_keep = safe_log(keep)
-        log_z_p = safe_logsumexp(log_keep + lp_s)
-        log_z_q = safe_logsumexp(log_keep + lq_s)
-        live = torch.isfinite(log_z_p)  # Z_p = 0: nothing kept, the reduced KL is empty -> 0
-        z_p = torch.where(live, log_z_p.exp(), torch.ones_like(log_z_p))
-        shift = torch.where(live, log_z_q - log_z_p, torch.zeros_like(log_z_p))
-        kl = torch.where(live, kept_kl / z_p + shift, torch.zeros_like(kept_kl))
+        live = torch.isfinite(safe_logsumexp(log_keep + lp_s)).unsqueeze(-1)  # anything kept at all
+        log_pp = torch.log_softmax(torch.where(live, log_keep + lp_s, torch.zeros_like(lp_s)), dim=-1)
+        log_qq = torch.log_softmax(torch.where(live, log_keep + lq_s, torch.zeros_like(lq_s)), dim=-1)
+        kl = torch.where(live.squeeze(-1), kl_from_log_probs(log_pp, log_qq), torch.zeros_like(lp_s[..., 0]))
 
     coverage = (keep * p_s).sum(-1)
     kl_mean = token_mean(kl, mask)
@@ -255,7 +257,9 @@ class FixedQuantileHead(nn.Module):
     def __init__(self, lower: float = 0.2, upper: float = 0.8) -> None:
         super().__init__()
         if not 0.0 <= lower < upper <= 1.0:
-            raise ValueError(f"dac quantiles must satisfy 0 <= lower < upper <= 1, got lower={lower}, upper={upper}")
+            raise ValueError(
+                f"dac quantiles must satisfy 0 <= lower < upper <= 1, got lower={lower}, upper={upper}"
+            )
         self.lower, self.upper = float(lower), float(upper)
 
     def forward(self, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,13 +107,17 @@ def reverse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> to
     return kl_from_log_probs(lq, lp)
 
 
-def symmetric_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, lam: float = 0.9) -> torch.Tensor:
+def symmetric_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, lam: float = 0.9
+) -> torch.Tensor:
     """SKL = (1 - lam) KL(p || q) + lam KL(q || p) (DistiLLM's lam = 0.9). Returns [B, T]."""
     lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
     return (1.0 - lam) * kl_from_log_probs(lp, lq) + lam * kl_from_log_probs(lq, lp)
 
 
-def js_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+def js_divergence(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, beta: float = 0.5
+) -> torch.Tensor:
     """Generalised JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q (GKD).
 
     beta in [0, 1]; both ends are exactly 0 (m equals the distribution that carries weight) and finite.
@@ -136,13 +140,17 @@ def total_variation(teacher_logits: torch.Tensor, student_logits: torch.Tensor) 
     return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
 
 
-def skew_forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+def skew_forward_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1
+) -> torch.Tensor:
     """Skew FKL(alpha) = KL(p || alpha p + (1 - alpha) q) (DistiLLM, alpha = 0.1). alpha=0 is FKL. [B, T]."""
     lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
     return kl_from_log_probs(lp, log_mixture(lp, lq, alpha))
 
 
-def skew_reverse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+def skew_reverse_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1
+) -> torch.Tensor:
     """Skew RKL(alpha) = KL(q || alpha q + (1 - alpha) p) (DistiLLM, alpha = 0.1). alpha=0 is RKL. [B, T]."""
     lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
     return kl_from_log_probs(lq, log_mixture(lq, lp, alpha))

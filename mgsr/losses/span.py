@@ -128,10 +128,14 @@ def span_correlation_loss(
     if chunk_size < 1:
         raise ValueError(f"span chunk_size must be >= 1, got {chunk_size}")
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher/student logits shapes differ: {teacher_logits.shape} vs {student_logits.shape}")
+        raise ValueError(
+            f"teacher/student logits shapes differ: {teacher_logits.shape} vs {student_logits.shape}"
+        )
     batch, length = student_logits.shape[:2]
     if tuple(pair_mask.shape) != (batch, length - 1):
-        raise ValueError(f"pair_mask must have shape [B, T-1] = {(batch, length - 1)}, got {tuple(pair_mask.shape)}")
+        raise ValueError(
+            f"pair_mask must have shape [B, T-1] = {(batch, length - 1)}, got {tuple(pair_mask.shape)}"
+        )
     pairs = pair_mask.bool().nonzero()
     rows_a = pairs[:, 0] * length + pairs[:, 1]
     loss, scale = _SpanRelationLoss.apply(
