@@ -153,6 +153,12 @@ class DistillDataModule(lightning.LightningDataModule):
     After ``setup()``: ``self.records[split]`` are the normalised records kept (aligned with the dataset,
     each with `prompt` and `references`), ``self.stats[split]`` counts dropped rows by reason
     (JSONL skip reasons and "prompt_too_long").
+
+    The train loader is a `ResumableDataLoader` that reads its position from the trainer while fitting,
+    so ``trainer.fit(..., datamodule=dm, ckpt_path=...)`` replays exactly the batches an uninterrupted run
+    would have seen, from any checkpoint (tested in tests/test_data_synthetic.py). Pass the datamodule, not
+    its loaders, to `Trainer.fit`: a bare loader falls back to its checkpointed state_dict, which is exact
+    for mid-epoch checkpoints but not for ones saved in ``on_train_epoch_end``.
     """
 
     def __init__(
