@@ -75,7 +75,11 @@ def validate(cfg: DictConfig) -> None:
     if int(data.max_prompt_len) <= 0 or int(data.max_len) <= int(data.max_prompt_len):
         raise ConfigError(f"data: need 0 < max_prompt_len < max_len, got {data.max_prompt_len} and {data.max_len}")
 
-    if cfg.model.teacher is not None and weights["distill_weight"] + weights["span_weight"] > 0:
+    seqkd = cfg.get("seqkd")
+    seqkd_on = seqkd is not None and bool(seqkd.get("enabled"))
+    if seqkd_on and int(seqkd.sampling.max_new_tokens) <= 0:
+        raise ConfigError(f"seqkd.sampling.max_new_tokens={seqkd.sampling.max_new_tokens}: must be > 0")
+    if cfg.model.teacher is not None and (weights["distill_weight"] + weights["span_weight"] > 0 or seqkd_on):
         check_model_source("teacher", cfg.model.teacher)
     check_model_source("student", cfg.model.student)
 

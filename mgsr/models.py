@@ -81,3 +81,28 @@ def freeze(model):
 
 def is_hf_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
+
+
+def merge_lora(model, adapter_path: str):
+    """`model` with the PEFT LoRA adapter saved at `adapter_path` merged into its weights (a plain model again:
+    no adapter overhead in the frozen teacher's forward)."""
+    from peft import PeftModel
+
+    log.info("merging LoRA adapter %s into %s", adapter_path, type(model).__name__)
+    return PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+
+
+def trim_vocab(model, n_tokens: int):
+    """Drop output/embedding rows past the tokenizer's `n_tokens` (padding rows, e.g. OPT's 50272 for 50265
+    tokens), so teacher and student logits have the tokenizer's width: SCRG compares them position by
+    position, and a padding id can never be sampled. Softmax over the kept rows is what `align_vocab` computes
+    for the losses anyway. Fewer rows than tokens is an error (wrong tokenizer)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < n_tokens:
+        raise ValueError(f"{type(model).__name__} has {rows} output rows but the tokenizer has {n_tokens} tokens; "
+                         "wrong tokenizer?")
+    if rows > n_tokens:
+        log.info("%s: dropping %d padded vocabulary rows (%d -> %d)", type(model).__name__, rows - n_tokens, rows,
+                 n_tokens)
+        model.resize_token_embeddings(n_tokens, mean_resizing=False)
+    return model

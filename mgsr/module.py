@@ -22,6 +22,7 @@ from mgsr.losses.divergences import align_vocab
 from mgsr.losses.sft import sft_loss
 from mgsr.models import shared_vocab_size
 from mgsr.scrg import RevisionStats, ScrgConfig, rollout_and_revise
+from mgsr.strategies import gathered_for_generation
 
 
 def response_logits(model, seqs: dict, **kw) -> torch.Tensor:
@@ -62,6 +63,7 @@ class DistillModule(L.LightningModule):
         self.timing = defaultdict(float)
         self.sample_gen = torch.Generator().manual_seed(seed)
         self._val_scores: list[float] = []
+        self.scrg_history = defaultdict(list)  # per-revision SCRG summaries, averaged into results.json
 
     # -- keep the teacher frozen whatever Lightning does to the train/eval mode ----------------------------
     def train(self, mode: bool = True):
@@ -82,14 +84,17 @@ class DistillModule(L.LightningModule):
             self.sample_gen.set_state(state) if self.device.type == "cpu" else self.sample_gen.manual_seed(self.seed)
         stats = RevisionStats()
         try:
-            seqs = rollout_and_revise(
-                self.teacher, self.student, batch["prompt_ids"], batch["prompt_attention_mask"], self.scrg,
-                self.train_sampling, eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen, stats=stats,
-            )
+            with gathered_for_generation(self):  # FSDP / ZeRO-3: outside forward, parameters are sharded
+                seqs = rollout_and_revise(
+                    self.teacher, self.student, batch["prompt_ids"], batch["prompt_attention_mask"], self.scrg,
+                    self.train_sampling, eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen,
+                    stats=stats,
+                )
         finally:
             self.student.train(was_training)
         for k, v in stats.summary().items():
             self.log(f"scrg/{k}", v, on_step=True, batch_size=batch["input_ids"].shape[0])
+            self.scrg_history[k].append(v)
         return seqs
 
     # -- training -------------------------------------------------------------------------------------------

@@ -19,15 +19,24 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mgsr.callbacks import CostCallback, ScrgCallback
+from mgsr.baselines import build_sequence_callback
+from mgsr.callbacks import CostCallback
 from mgsr.config import ConfigError, to_container, validate
-from mgsr.data.datamodule import DistillDataModule
+from mgsr.data.datamodule import DOLLY_FILES, DistillDataModule
 from mgsr.data.synthetic import make_synthetic_splits, synthetic_corpus
 from mgsr.data.tokenizer import load_or_build_tokenizer
 from mgsr.evaluation.run import EvalSettings, evaluate_sets
 from mgsr.evaluation.tables import markdown_table
 from mgsr.generation import SamplingConfig
-from mgsr.models import build_from_config, check_tokenizers, freeze, load_model, load_tokenizer
+from mgsr.models import (
+    build_from_config,
+    check_tokenizers,
+    freeze,
+    load_model,
+    load_tokenizer,
+    merge_lora,
+    trim_vocab,
+)
 from mgsr.module import DistillModule
 from mgsr.scrg import ScrgConfig
 
@@ -45,22 +54,70 @@ def build_tokenizer(cfg: DictConfig):
         return load_tokenizer(spec.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.student.get("name_or_path"):
         return load_tokenizer(cfg.model.student.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    # Offline default: a BPE trained on the synthetic corpus, cached by what determines it.
-    key = _hash({"vocab": spec.vocab_size, "data_seed": cfg.data.seed, "n_train": cfg.data.n_train})
-    texts = lambda: synthetic_corpus(make_synthetic_splits(cfg.data.seed, cfg.data.n_train, 0, 0)["train"])  # noqa: E731
-    return load_or_build_tokenizer(str(Path(cfg.cache_dir) / f"tokenizer-{key}"), texts, spec.vocab_size)
+    # Offline: a BPE trained on the run's training text (the synthetic corpus, or the train split's prompt +
+    # output for JSONL data such as Dolly), cached by what determines it.
+    vocab = int(cfg.data.get("tokenizer_vocab_size") or spec.vocab_size)
+    if cfg.data.source == "jsonl":
+        name = cfg.data.get("train_file") or DOLLY_FILES["train"]
+        train_file = name if os.path.isabs(name) or not cfg.data.get("path") else os.path.join(cfg.data.path, name)
+        key = _hash({"vocab": vocab, "source": "jsonl", "train": _file_digest(train_file)})
+        texts = lambda: _jsonl_corpus(train_file)  # noqa: E731
+    else:
+        key = _hash({"vocab": spec.vocab_size, "data_seed": cfg.data.seed, "n_train": cfg.data.n_train})
+        texts = lambda: synthetic_corpus(make_synthetic_splits(cfg.data.seed, cfg.data.n_train, 0, 0)["train"])  # noqa: E731
+    return load_or_build_tokenizer(str(Path(cfg.cache_dir) / f"tokenizer-{key}"), texts, vocab)
+
+
+def _file_digest(path: str) -> str:
+    if not os.path.isfile(path):
+        raise ConfigError(f"training data file not found: {path} (set data.path / data.train_file)")
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def _jsonl_corpus(path: str):
+    """Prompt + output texts of every usable training row (all of them, whatever max_train_records says,
+    so one cached tokenizer serves runs of any length)."""
+    from mgsr.data.jsonl import load_jsonl_records
+
+    for rec in load_jsonl_records(path).records:
+        yield rec["prompt"] + rec["references"][0]
+
+
+# data-config keys that describe the run rather than the datamodule (see conf/data/dolly.yaml)
+DATA_RUN_KEYS = ("tokenizer_vocab_size", "eval_sets")
 
 
 def build_datamodule(cfg: DictConfig, tokenizer, **overrides) -> DistillDataModule:
-    d = {k: v for k, v in to_container(cfg.data).items() if not k.startswith("_")}
+    d = {k: v for k, v in to_container(cfg.data).items() if not k.startswith("_") and k not in DATA_RUN_KEYS}
     d.update(overrides)
     return DistillDataModule(tokenizer=tokenizer, **d)
 
 
-def eval_sets(dm: DistillDataModule) -> dict[str, list[dict]]:
-    if "test" not in dm.records:
-        dm.setup("test")
-    return {"test": dm.records["test"]}
+def eval_sets(dm: DistillDataModule, cfg: DictConfig | None = None) -> tuple[dict[str, list[dict]], dict, dict]:
+    """The final evaluation's sets: (records per set, display labels, skipped-row counts).
+
+    Names come from `eval.sets`, else the data config's `eval_sets` (data=dolly: the paper's five), and are
+    looked up in the `sets` registry shared with evaluate.py (conf/sets/); "test" (the default) is the
+    datamodule's test split. Missing files fail here, which `run` calls before training."""
+    names = (cfg.eval.get("sets") or cfg.data.get("eval_sets")) if cfg is not None else None
+    names = list(names or ["test"])
+    sets, labels, skipped = {}, {}, {}
+    others = [n for n in names if n != "test"]
+    if others:
+        from mgsr.evaluation.entry import load_eval_sets
+
+        registry = cfg.get("sets") or {}
+        loaded = load_eval_sets(OmegaConf.create({"eval_sets": others, "sets": to_container(registry)}))
+        sets, labels, skipped = (dict(x) for x in loaded)
+    out = ({}, {}, {})
+    for name in names:  # keep the requested order
+        if name == "test":
+            if "test" not in dm.records:
+                dm.setup("test")
+            out[0]["test"], out[1]["test"], out[2]["test"] = dm.records["test"], "test", dm.stats.get("test", {})
+        else:
+            out[0][name], out[1][name], out[2][name] = sets[name], labels[name], skipped[name]
+    return out
 
 
 # -- models -----------------------------------------------------------------------------------------------------
@@ -68,6 +125,7 @@ def build_student(cfg: DictConfig, tokenizer):
     spec = cfg.model.student
     if spec.get("name_or_path"):
         model = load_model(spec.name_or_path, dtype=spec.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        model = trim_vocab(model, len(tokenizer))
     else:
         model = build_from_config(to_container(spec.arch), tokenizer, seed=cfg.seed).to(_dtype(spec.dtype))
     if cfg.model.get("gradient_checkpointing"):
@@ -86,15 +144,30 @@ def _dtype(name):
     return torch_dtype(name)
 
 
+def check_teacher_tokenizer(name_or_path: str, tokenizer, *, trust_remote_code: bool = False) -> None:
+    """Token-level distillation needs the teacher's vocabulary to be the run's (padding rows past it are
+    fine, see `shared_vocab_size`); a real mismatch is one ConfigError line, raised before any weights load."""
+    try:
+        teacher_tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # a weights-only directory: nothing to compare against
+        log.warning("teacher %s has no loadable tokenizer (%s); assuming it shares the run's", name_or_path, e)
+        return
+    try:
+        check_tokenizers(teacher_tok, tokenizer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def ensure_teacher(cfg: DictConfig, tokenizer, dm: DistillDataModule):
     """The frozen teacher. With no `name_or_path`, fine-tune `arch` on the training split with SFT first and
     cache the result (a second run with the same settings skips that stage)."""
     spec = cfg.model.teacher
     if spec.get("name_or_path"):
+        check_teacher_tokenizer(spec.name_or_path, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
         teacher = load_model(spec.name_or_path, dtype=spec.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        if cfg.model.tokenizer.get("name_or_path") is None and cfg.model.student.get("name_or_path"):
-            check_tokenizers(load_tokenizer(spec.name_or_path), tokenizer)
-        return freeze(teacher)
+        if spec.get("lora_path"):  # a LoRA-fine-tuned teacher: merge once, then it is a plain frozen model
+            teacher = merge_lora(teacher, spec.lora_path)
+        return freeze(trim_vocab(teacher, len(tokenizer)))
     sft = to_container(cfg.model.teacher_sft)
     key = _hash({"arch": to_container(spec.arch), "sft": sft, "data": to_container(cfg.data),
                  "vocab": len(tokenizer), "tok": _hash(tokenizer.get_vocab())})
@@ -162,15 +235,16 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     if w.enabled and w.mode != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
-            loggers.append(WandbLogger(project=w.project, entity=w.entity, name=cfg.name, group=cfg.group,
-                                       save_dir=str(run_dir), offline=w.mode == "offline",
-                                       mode=w.mode, config=OmegaConf.to_container(cfg, resolve=True)))
+            loggers.append(WandbLogger(project=w.project, entity=w.entity, name=cfg.name,
+                                       group=cfg.group or _sweep_group(cfg, run_dir), save_dir=str(run_dir),
+                                       offline=w.mode == "offline", mode=w.mode,
+                                       config=OmegaConf.to_container(cfg, resolve=True)))
         except Exception as e:  # noqa: BLE001 - W&B must never block a run
             log.warning("W&B logger unavailable (%s); continuing with CSV only", e)
     return loggers
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list, module=None) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     ckpt_dir = run_dir / "checkpoints"
@@ -182,8 +256,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
     kwargs = {k: v for k, v in to_container(cfg.trainer).items() if not k.startswith("_")}
-    if isinstance(kwargs.get("strategy"), dict):
-        kwargs["strategy"] = instantiate(cfg.trainer.strategy)
+    if isinstance(kwargs.get("strategy"), dict):  # FSDP / DeepSpeed / DDP objects (mgsr/strategies.py)
+        from mgsr.strategies import build_strategy, strategy_callbacks
+
+        callbacks.extend(strategy_callbacks(kwargs["strategy"]))
+        kwargs["strategy"] = build_strategy(kwargs["strategy"], module)
     return L.Trainer(**kwargs, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir),
                      enable_model_summary=False)
 
@@ -198,18 +275,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tokenizer = build_tokenizer(cfg)
     dm = build_datamodule(cfg, tokenizer)
     dm.setup("fit")
+    final_sets = eval_sets(dm, cfg) if cfg.eval.enabled else None  # a missing eval file fails before training
     distills = cfg.loss.distill_weight > 0 or cfg.loss.span_weight > 0
     teacher = ensure_teacher(cfg, tokenizer, dm) if distills else None
+    seqkd_stats = None
+    if cfg.get("seqkd") is not None and cfg.seqkd.get("enabled"):  # train on cached teacher samples (SeqKD)
+        from mgsr.seqkd import apply_seqkd
+
+        seqkd_stats = apply_seqkd(cfg, tokenizer, dm,
+                                  lambda: teacher if teacher is not None else ensure_teacher(cfg, tokenizer, dm))
     student = build_student(cfg, tokenizer)
     module = build_module(cfg, student, teacher, tokenizer)
 
     cost = CostCallback()
     callbacks = [cost]
     if uses_student_sequences(cfg):
-        callbacks.append(ScrgCallback(every_n_steps=cfg.scrg.every_n_steps, buffer_capacity=cfg.scrg.buffer_capacity,
-                                      student_prob=cfg.scrg.student_prob, seed=cfg.seed))
+        callbacks.append(build_sequence_callback(cfg, seed=cfg.seed))  # ScrgCallback, or scheduled (baselines)
     loggers = build_loggers(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, callbacks, loggers)
+    trainer = build_trainer(cfg, run_dir, callbacks, loggers, module=module)
     ckpt = cfg.ckpt_path
     if ckpt == "last":
         ckpt = str(run_dir / "checkpoints" / "last.ckpt")
@@ -218,25 +301,88 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     results = {"name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir), "data_stats": dm.stats,
                "train_cost": cost.summary(module), "val": {k: float(v) for k, v in trainer.callback_metrics.items()
                                                            if k.startswith("val/")}}
+    if seqkd_stats is not None:
+        results["seqkd"] = seqkd_stats
+    if getattr(module, "scrg_history", None):  # what SCRG did over training (e.g. corrected tokens per sequence)
+        results["scrg"] = {k: sum(v) / len(v) for k, v in module.scrg_history.items() if v}
     best = _best_checkpoint(trainer)
+    from mgsr.strategies import is_sharded
+
+    if is_sharded(trainer.strategy):  # FSDP rewrote the student's module tree in place: load into a fresh one
+        student = build_student(cfg, tokenizer).to(module.device)
+        teacher = None  # rewritten too (and its units all-gather across ranks): reloaded if needed later
+        best = best or _last_checkpoint(trainer)
+        if not best:
+            log.warning("sharded strategy and no checkpoint: the trained student cannot be exported")
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
         results["checkpoint"] = best
     if trainer.is_global_zero:
+        if hasattr(student, "merge_and_unload"):  # LoRA: keep the adapter, export the merged model
+            student.save_pretrained(run_dir / "student_adapter")
+            student = student.merge_and_unload()
         student.save_pretrained(run_dir / "student")
         tokenizer.save_pretrained(run_dir / "student")
         if cfg.eval.enabled:
             settings = eval_settings(cfg)
-            results["eval"] = evaluate_sets(student, tokenizer, eval_sets(dm), settings, log=log.info)
+            sets, labels, skipped = final_sets
+            results["eval"] = evaluate_sets(student, tokenizer, sets, settings, log=log.info)
+            results["eval"].update(labels=labels, skipped_rows=skipped)
             results["table"] = markdown_table(results["eval"]["summary"],
                                               metrics=("rougeL", "distinct_1", "distinct_2", "exact_match",
-                                                       "tokens_per_s"))
+                                                       "tokens_per_s"), set_order=list(sets), label_overrides=labels)
+            if cfg.eval.get("exposure_bias"):
+                results["exposure"] = _exposure_bias(cfg, student, teacher, tokenizer, dm)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
         if "table" in results:
             (run_dir / "results.md").write_text(results["table"])
         _log_summary(loggers, results)
+    _finish_wandb(loggers)  # a sweep runs its jobs in one process: the next job must get a fresh W&B run
     return results
+
+
+def _exposure_bias(cfg: DictConfig, student, teacher, tokenizer, dm) -> dict | None:
+    """ExAccErr@15 on dev prompts (METHOD.md 7); loads the (cached) teacher for runs that trained without it."""
+    from mgsr.evaluation.exposure import measure_exposure_bias
+
+    e = cfg.eval
+    try:
+        if teacher is None:
+            teacher = ensure_teacher(cfg, tokenizer, dm)
+        teacher.to(next(student.parameters()).device)
+        out = measure_exposure_bias(teacher, student, tokenizer, dm.records["val"], n_prompts=e.exposure_prompts,
+                                    seed=e.exposure_seed, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                    max_prompt_len=cfg.data.max_prompt_len)
+    except (ConfigError, OSError, ValueError) as err:  # no teacher to compare with: skip, never fail the run
+        log.warning("exposure bias skipped: %s", err)
+        return None
+    log.info("exposure bias: ExAccErr@%d = %.1f%% on %d dev prompts", out["at"], out["exacc_err"], out["n_prompts"])
+    return out
+
+
+def _sweep_group(cfg: DictConfig, run_dir: Path) -> str | None:
+    """W&B group shared by the runs of one `-m` sweep (see mgsr.report.sweep_group); None outside sweeps."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            from mgsr.report import sweep_group
+
+            return sweep_group(cfg.name, run_dir.parent)
+    except Exception:  # noqa: BLE001 - grouping is cosmetic
+        pass
+    return None
+
+
+def _finish_wandb(loggers) -> None:
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            try:
+                lg.experiment.finish()
+            except Exception as e:  # noqa: BLE001
+                log.warning("W&B finish failed: %s", e)
 
 
 def eval_settings(cfg: DictConfig) -> EvalSettings:
@@ -245,6 +391,15 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
                         temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                         no_repeat_ngram_size=e.no_repeat_ngram_size, max_prompt_len=cfg.data.max_prompt_len,
                         limit=e.limit)
+
+
+def _last_checkpoint(trainer) -> str | None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and not cb.monitor and (cb.best_model_path or cb.last_model_path):
+            return cb.best_model_path or cb.last_model_path  # without a monitor, "best" is the latest saved
+    return None
 
 
 def _best_checkpoint(trainer) -> str | None:

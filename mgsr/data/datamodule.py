@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 
 import lightning
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch import distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mgsr.data.collate import Collator, encode_records
 from mgsr.data.jsonl import load_jsonl_records, normalise_record
@@ -36,26 +37,59 @@ class FeatureDataset(Dataset):
         return self.features[i]
 
 
-class EpochPermutationSampler(Sampler[int]):
-    """Yields ``randperm(n, seed + epoch)`` (or ``range(n)`` unshuffled) from position `skip` on.
+class EpochPermutationSampler(DistributedSampler):
+    """Yields this rank's share of ``randperm(n, seed + epoch)`` (or ``range(n)`` unshuffled) from position
+    `skip` on.
 
-    The order is a pure function of (seed, epoch), which is what makes mid-epoch resumption exact.
+    The order is a pure function of (seed, epoch, rank, world size), which is what makes mid-epoch
+    resumption exact. With W processes (`num_replicas`, default: the torch.distributed world size, 1 when
+    not initialised) the epoch's order is padded with its own first indices to a multiple of W and rank r
+    takes positions r, r+W, r+2W, ... (DistributedSampler's layout): every rank gets ceil(n / W) indices,
+    so all ranks run the same number of steps, and the first k samples of all ranks together are exactly
+    the first k*W of the single-process order (a DDP step with per-rank batch b sees the single-process
+    batch of size b*W). It subclasses DistributedSampler only so that Lightning keeps it as is under
+    DDP/FSDP instead of wrapping it (which would lose the resumable position); rank and world size are
+    read lazily, once the process group exists.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int | None = None,
+                 rank: int | None = None):  # DistributedSampler.__init__ is not called: it needs a process group
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.epoch, self.skip = 0, 0
+        self._num_replicas, self._rank = num_replicas, rank
+
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return self._num_replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls it; the loader sets epoch and skip itself
+        self.epoch = epoch
 
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle:
-            return list(range(self.n))
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            full = list(range(self.n))
+        else:
+            full = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        world = self.num_replicas
+        if world == 1:
+            return full
+        total = len(self) * world
+        full = (full * (total // max(len(full), 1) + 1))[:total]  # pad with the epoch's own first indices
+        return full[self.rank : total : world]
 
     def __iter__(self) -> Iterator[int]:
         yield from self.order(self.epoch)[self.skip :]
 
     def __len__(self) -> int:
-        return self.n  # the full epoch: Lightning counts resumed batches against it
+        return -(-self.n // self.num_replicas)  # this rank's full epoch: Lightning counts resumed batches against it
 
 
 class ResumableDataLoader(DataLoader):
@@ -75,7 +109,8 @@ class ResumableDataLoader(DataLoader):
 
     ``state_dict()`` is ``{"epoch", "batches_yielded"}``; Lightning stores it in the checkpoint (under
     ``loops.fit_loop.state_dict.combined_loader``) since the loader defines both methods, and loads it back
-    when it restarts a run mid-epoch. Single process sampling: not for DistributedSampler.
+    when it restarts a run mid-epoch. Under DDP/FSDP each rank iterates its own shard (see
+    `EpochPermutationSampler`) and the position counts that rank's batches.
     """
 
     def __init__(
@@ -234,6 +269,15 @@ class DistillDataModule(lightning.LightningDataModule):
         for split in _STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS:
             if split not in self.datasets:
                 self._setup_split(split)
+
+    def set_train_responses(self, responses: list[list[int]]) -> None:
+        """Train on these response ids instead of the gold ones (SeqKD: the teacher's samples), one per
+        training record in order; prompts, validation and test are unchanged."""
+        self.setup("fit")
+        features = self.datasets["train"].features
+        if len(responses) != len(features):
+            raise ValueError(f"got {len(responses)} responses for {len(features)} training records")
+        self.datasets["train"] = FeatureDataset([dict(f, response_ids=list(r)) for f, r in zip(features, responses)])
 
     def train_dataloader(self) -> ResumableDataLoader:
         self.setup("fit")

@@ -1,0 +1,48 @@
+"""Shared fixtures: the reduced tiny configuration and one teacher cache for the whole session."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MGSR_SHARED", REPO.parent / "shared"))
+NLTK_DATA = SHARED / "data" / "nltk_data"
+if NLTK_DATA.is_dir():
+    os.environ.setdefault("NLTK_DATA", str(NLTK_DATA))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# A few steps of everything: tiny data, short teacher stage, one eval seed. ~20 s a run on 2 cores.
+TINY = [
+    "data.n_train=64", "data.n_val=8", "data.n_test=8", "model.teacher_sft.max_steps=20",
+    "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "val_generate=4",
+    "eval.seeds=[10]", "eval.limit=4", "eval.max_new_tokens=16", "scrg.sampling.max_new_tokens=16",
+    "logger=csv", "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=2",
+    "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tokenizer/teacher cache for the session, so the tiny teacher is fine-tuned once."""
+    return tmp_path_factory.mktemp("mgsr_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(cache_dir) -> list[str]:
+    return [*TINY, f"cache_dir={cache_dir}"]
+
+
+def compose_train(overrides: list[str], config_name: str = "train"):
+    """Compose like `python train.py OVERRIDES` would (hydra:* interpolations resolve), minus the hydra node."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

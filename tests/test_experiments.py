@@ -1,0 +1,99 @@
+"""Every named experiment (conf/experiment/*.yaml) composes, validates, and runs a few steps on the tiny default;
+every point of its `-m` grid (hydra.sweeper.params) composes and builds its loss objects.
+
+A new experiment file is picked up by these tests without touching them.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from mgsr.config import validate
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+OURS = ("mgsr", "ablation_", "incremental", "scrg_")  # the ablation experiments (docs/experiments.md); name = stem
+
+# The reduced tiny config: a few seconds per run on 2 cores, the teacher fine-tuned once per session.
+TINY = ["model.teacher_sft.max_steps=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "val_generate=2", "data.n_train=64", "data.n_val=8", "data.n_test=8",
+        "data.batch_size=4", "data.eval_batch_size=4", "eval.seeds=[10]", "eval.limit=4", "eval.max_new_tokens=8",
+        "eval.exposure_prompts=4", "scrg.sampling.max_new_tokens=8", "logger=csv", "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_train_steps=1000"]
+
+
+def _compose(overrides, hydra_cfg=False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+def _grid(name: str) -> dict[str, list[str]]:
+    params = _compose([f"+experiment={name}"], hydra_cfg=True).hydra.sweeper.params or {}
+    return {k: [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mgsr_cache")  # tokenizer + tiny teacher, built by the first run
+
+
+def test_the_directory_holds_the_experiments_the_readme_promises():
+    required = {"mgsr", "ablation_fixed_clip", "ablation_fixed_clip_logprob", "ablation_multi_token",
+                "ablation_multi_token_adaptive", "ablation_no_scrg", "ablation_no_span", "ablation_no_dac",
+                "ablation_loss_weights", "ablation_dac_literal", "ablation_dac_components", "ablation_divergence",
+                "ablation_span_relation", "incremental", "scrg_rounds", "scrg_every_n"}
+    assert required <= set(EXPERIMENTS)
+    docs = (REPO / "docs" / "experiments.md").read_text()
+    missing = [n for n in EXPERIMENTS if n.startswith(OURS) and f"+experiment={n}" not in docs]
+    assert not missing, f"docs/experiments.md must list every ablation experiment; missing {missing}"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_grid_points_compose_and_build(name):
+    grid = _grid(name)
+    points = [[]] + [[f"{k}={v}"] for k, vals in grid.items() for v in vals]
+    for extra in points:
+        cfg = _compose([f"+experiment={name}", *extra])
+        assert cfg.name and (cfg.name == name or not name.startswith(OURS))
+        validate(cfg)
+        for part in ("distill", "span"):
+            node = cfg.loss.get(part)
+            if node is not None and cfg.loss[f"{part}_weight"] > 0:
+                instantiate(node)  # e.g. every divergence of ablation_divergence takes its params
+
+
+def test_loss_weight_grid_is_exactly_the_six_pairs():
+    pairs = []
+    for option in _grid("ablation_loss_weights")["weights"]:
+        cfg = _compose(["+experiment=ablation_loss_weights", f"weights={option}"])
+        pairs.append((float(cfg.loss.distill_weight), float(cfg.loss.span_weight)))
+    assert pairs == [(1, 0), (0, 1), (0.5, 0.5), (1, 0.5), (0.5, 1), (1, 1)]
+    assert all(_compose(["+experiment=ablation_loss_weights"]).loss.sft_weight == 1.0 for _ in [0])
+
+
+def test_fixed_clip_grid_covers_the_planned_pairs():
+    got = set()
+    for option in _grid("ablation_fixed_clip")["clip"]:
+        d = _compose(["+experiment=ablation_fixed_clip", f"clip={option}"]).loss.distill
+        if d.head == "fixed":
+            got.add((float(d.lower), float(d.upper)))
+    assert got == {(0.2, 0.8), (0.3, 0.7), (0.05, 0.95), (0.1, 0.9)}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs_a_few_steps(name, cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NLTK_DATA", os.environ.get("NLTK_DATA", str(REPO.parent / "shared/data/nltk_data")))
+    from mgsr.pipeline import run
+
+    cfg = _compose([f"+experiment={name}", *TINY, f"cache_dir={cache_dir}"])
+    results = run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["name"] == cfg.name
+    assert saved["train_cost"]["s_per_step"] > 0
+    assert "rougeL" in saved["eval"]["summary"]["test"]
+    assert results["exposure"]["n_prompts"] > 0

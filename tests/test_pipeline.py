@@ -1,0 +1,69 @@
+"""The default pipeline end to end at a reduced size, evaluate.py on its output, and a two-run sweep."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, compose_train
+
+from mgsr.pipeline import run
+
+
+def test_default_pipeline_end_to_end(tmp_path, tiny_overrides):
+    cfg = compose_train(tiny_overrides)
+    res = run(cfg, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["eval"]["seeds"] == [10]
+    rouge = saved["eval"]["summary"]["test"]["rougeL"][0]
+    assert 0.0 <= rouge <= 100.0
+    assert "| rougeL |" in (run_dir / "results.md").read_text()
+    assert (run_dir / "student" / "config.json").is_file() and (run_dir / "student" / "tokenizer.json").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert saved["train_cost"]["s_per_step"] > 0
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    for name in ("train/loss", "train/sft", "dac/kl", "dac/coverage", "span/loss", "scrg/unchanged_share"):
+        assert name in header, name
+    assert res["val"]["val/rougeL"] >= 0
+
+    # evaluate.py on the saved student, through the real entry point
+    out = subprocess.run(
+        [sys.executable, "evaluate.py", f"model_path={run_dir / 'student'}", "seeds=[10,20]", "limit=4",
+         "max_new_tokens=8", f"hydra.run.dir={tmp_path / 'eval'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    ev = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(ev["per_seed"]["test"]) == {"10", "20"}
+    assert "rougeL" in (tmp_path / "eval" / "results.md").read_text()
+
+    # and from the Lightning checkpoint: same weights as the HF export when best == selected
+    out = subprocess.run(
+        [sys.executable, "evaluate.py", f"model_path={res['checkpoint']}", "seeds=[10]", "limit=4",
+         "max_new_tokens=8", f"hydra.run.dir={tmp_path / 'eval_ckpt'}", f"tokenizer_path={run_dir / 'student'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    a = json.loads((tmp_path / "eval_ckpt" / "results.json").read_text())["per_seed"]["test"]["10"]["rougeL"]
+    assert a == ev["per_seed"]["test"]["10"]["rougeL"]
+
+
+def test_sft_only_run_needs_no_teacher(tmp_path, tiny_overrides):
+    cfg = compose_train([*tiny_overrides, "loss=sft", "cache_dir=" + str(tmp_path / "empty_cache")])
+    res = run(cfg, tmp_path / "run")
+    assert not list((tmp_path / "empty_cache").glob("teacher-*"))  # no teacher stage for SFT
+    assert res["eval"]["summary"]["test"]["rougeL"][0] >= 0
+
+
+def test_multirun_sweep_of_two_runs(tmp_path, tiny_overrides):
+    out = subprocess.run(
+        [sys.executable, "train.py", "-m", *tiny_overrides, "seed=0,1", "eval.enabled=false",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(runs) == 2
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in runs)
+    assert seeds == [0, 1]
