@@ -64,6 +64,7 @@ class DistillModule(L.LightningModule):
         self.sample_gen = torch.Generator().manual_seed(seed)
         self._val_scores: list[float] = []
         self.scrg_history = defaultdict(list)  # per-revision SCRG summaries, averaged into results.json
+        self._train_rng = None  # global RNG states at the end of the last training step (see on_train_batch_start)
 
     # -- keep the teacher frozen whatever Lightning does to the train/eval mode ----------------------------
     def train(self, mode: bool = True):
@@ -195,6 +196,18 @@ class DistillModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # -- the training steps form one RNG stream: what runs between them (validation, a DataLoader iterator
+    # being created, which draws a seed from the global generator) does not move it. So a run resumed from a
+    # step checkpoint (whose fresh iterator draws where the uninterrupted run's did not) draws exactly the same.
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._train_rng is not None:
+            torch.set_rng_state(self._train_rng[0])
+            random.setstate(self._train_rng[1])
+            np.random.set_state(self._train_rng[2])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self._train_rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+
     # -- checkpoints: no teacher weights (reloaded from their source), RNG states for exact resume -----------
     def on_save_checkpoint(self, checkpoint):
         sd = checkpoint["state_dict"]
@@ -206,10 +219,13 @@ class DistillModule(L.LightningModule):
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
                              "sample_gen": self.sample_gen.get_state()}
+        checkpoint["scrg_history"] = {k: list(v) for k, v in self.scrg_history.items()}  # results.json averages
 
     def on_load_checkpoint(self, checkpoint):
         if self.teacher is not None:  # the teacher is not stored; put the loaded one back so loading is strict
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if "scrg_history" in checkpoint:  # a resumed run reports SCRG statistics over the whole run
+            self.scrg_history = defaultdict(list, {k: list(v) for k, v in checkpoint["scrg_history"].items()})
         rng = checkpoint.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -218,3 +234,4 @@ class DistillModule(L.LightningModule):
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
             self.sample_gen = torch.Generator().manual_seed(0)
             self.sample_gen.set_state(rng["sample_gen"])
+            self._train_rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())

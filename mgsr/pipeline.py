@@ -128,8 +128,8 @@ def build_student(cfg: DictConfig, tokenizer):
         model = trim_vocab(model, len(tokenizer))
     else:
         model = build_from_config(to_container(spec.arch), tokenizer, seed=cfg.seed).to(_dtype(spec.dtype))
-    if cfg.model.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
+    if cfg.model.get("gradient_checkpointing"):  # transformers 5 renamed it activation checkpointing
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     if cfg.model.get("lora") and cfg.model.lora.get("enabled"):
         from peft import LoraConfig, get_peft_model
 

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ log = logging.getLogger("mgsr.report")
 
 AVERAGE = "Average"
 SEED_KEYS = ("seed", "+seed", "++seed")
+# Overrides that never describe a variant (where files go, how a run is displayed).
+HOUSEKEEPING = ("cache_dir", "hydra.", "logger", "trainer.enable_progress_bar", "ckpt_path", "group")
 # (column, display label, how to read it from a results.json) for the second table.
 EXTRA_COLUMNS = (
     ("distinct_1", "Distinct-1", lambda r: _summary(r, AVERAGE, "distinct_1")),
@@ -68,6 +71,7 @@ class Run:
     dir: Path
     results: dict
     overrides: list[str] = field(default_factory=list)
+    source: int = 0                   # which of the given folders it came from
 
     @property
     def name(self) -> str:
@@ -87,43 +91,57 @@ def find_runs(dirs) -> tuple[list[Run], list[Path]]:
     """Runs under the given sweep (or run) folders, in sweep order, and job folders that left no results.json
     (failed or still running)."""
     runs, missing = [], []
-    for d in map(Path, dirs):
+    for src, d in enumerate(map(Path, dirs)):
         if not d.is_dir():
             raise FileNotFoundError(f"not a directory: {d}")
         for res in sorted(d.rglob("results.json"), key=lambda p: _job_key(p.parent)):
             over = res.parent / ".hydra" / "overrides.yaml"
             overrides = [str(o) for o in (yaml.safe_load(over.read_text()) or [])] if over.is_file() else []
-            runs.append(Run(res.parent, json.loads(res.read_text()), overrides))
+            runs.append(Run(res.parent, json.loads(res.read_text()), overrides, src))
         for hyd in sorted(d.rglob(".hydra"), key=lambda p: _job_key(p.parent)):
             if not (hyd.parent / "results.json").is_file():
                 missing.append(hyd.parent)
     return runs, missing
 
 
+def _short(value: str) -> str:
+    """Optuna's long floats, shortened for labels (2.2403726653165665 -> 2.2404)."""
+    try:
+        return f"{float(value):.5g}" if "." in value and len(value) > 8 else value
+    except ValueError:
+        return value
+
+
 def _display(override: str) -> str:
     key, _, value = override.lstrip("+~").partition("=")
-    return value if key == "experiment" else f"{key}={value}"
+    return _short(value) if key == "experiment" else f"{key}={_short(value)}"
 
 
 def variant_labels(runs: list[Run]) -> tuple[list[str], str]:
     """A label per run and the header of the label column.
 
-    The label lists the overrides that are not the seed and not shared by every run; if exactly one key
-    varies, the label is its value and the header names the key. Runs of different experiments lead
-    with the experiment name.
+    The label lists the overrides that are not the seed, not housekeeping (cache_dir, hydra.*, ...) and
+    not shared by every run of the same folder; if exactly one key varies, the label is its value and the
+    header names the key. Runs of different experiments lead with the experiment name.
     """
-    per_run = [[o for o in r.overrides if o.partition("=")[0] not in SEED_KEYS] for r in runs]
-    common = set.intersection(*(set(p) for p in per_run)) if per_run else set()
-    distinct = [[o for o in p if o not in common] for p in per_run]
+    def keep(o):
+        key = o.lstrip("+~").partition("=")[0]
+        return o.partition("=")[0] not in SEED_KEYS and not key.startswith(HOUSEKEEPING)
+
+    per_run = [[o for o in r.overrides if keep(o)] for r in runs]
+    common = {}
+    for r, p in zip(runs, per_run):
+        common[r.source] = common[r.source] & set(p) if r.source in common else set(p)
+    distinct = [[o for o in p if o not in common[r.source]] for r, p in zip(runs, per_run)]
     names_differ = len({r.name for r in runs}) > 1
     keys = {o.partition("=")[0] for p in distinct for o in p}
     header = "variant"
     if len(keys) == 1 and not names_differ and all(len(p) == 1 for p in distinct):
-        header = _display(next(iter(keys)) + "=").rstrip("=")
-        return [p[0].partition("=")[2] for p in distinct], header
+        header = next(iter(keys)).lstrip("+~")
+        return [_short(p[0].partition("=")[2]) for p in distinct], header
     labels = []
     for r, p in zip(runs, distinct):
-        parts = [_display(o) for o in p if not (names_differ and o.lstrip("+").startswith("experiment="))]
+        parts = [_display(o) for o in p if not (names_differ and _display(o) == r.name)]
         labels.append(", ".join(([r.name] if names_differ else []) + parts) or r.name or "run")
     return labels, header
 
@@ -211,7 +229,7 @@ def bar_chart(rep: Report, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.6))
     ax.bar(range(len(names)), [c[0] for c in cells], yerr=[c[1] for c in cells], capsize=4, color="#4C72B0")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
+    ax.set_xticklabels([textwrap.shorten(n, 60) for n in names], rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
                        fontsize=8)
     ax.set_ylabel("ROUGE-L, Average (mean ± std)")
     ax.set_xlabel(rep.header)

@@ -19,9 +19,10 @@ from mgsr.baselines import AdaptiveOffPolicy, LinearStudentProb, ScheduledScrgCa
 from mgsr.config import ConfigError
 from mgsr.data.collate import Collator
 from mgsr.losses.divergences import DIVERGENCES, forward_kl
+from mgsr.models import build_from_config
 from mgsr.module import DistillModule
 from mgsr.objectives import Divergence
-from mgsr.pipeline import build_datamodule, build_tokenizer, check_teacher_tokenizer, ensure_teacher, run
+from mgsr.pipeline import build_datamodule, build_tokenizer, check_teacher_tokenizer, run
 
 EXPERIMENTS = sorted(p.stem.removeprefix("baseline_") for p in (REPO / "conf" / "experiment").glob("baseline_*.yaml"))
 STEPS = 3  # one validation, at the end: the schedules' coin flips below are not disturbed by it
@@ -105,14 +106,16 @@ def test_baseline_runs_end_to_end(name, tmp_path, tiny_overrides, count_generati
         assert "sched/student_prob" in header
 
 
-def test_seqkd_cache_is_created_once_and_reused(tiny_overrides, count_generation):
-    cfg = compose_train([*tiny_overrides, "+experiment=baseline_seqkd", "data.n_train=24", "seqkd.batch_size=8"])
+def test_seqkd_cache_is_created_once_and_reused(tmp_path, tiny_overrides, count_generation):
+    # its own cache dir: the stand-in teacher below must not leave samples where a real run would find them
+    cfg = compose_train([*tiny_overrides, "+experiment=baseline_seqkd", "data.n_train=24", "seqkd.batch_size=8",
+                         f"cache_dir={tmp_path}"])
     tok = build_tokenizer(cfg)
     teacher_builds = []
 
-    def get_teacher():
+    def get_teacher():  # any teacher will do for caching; a tiny random one keeps the test fast
         teacher_builds.append(1)
-        return ensure_teacher(cfg, tok, None)
+        return build_from_config({"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 512}, tok, seed=0).eval()
 
     first, second = build_datamodule(cfg, tok), build_datamodule(cfg, tok)
     first.setup("fit")
@@ -127,8 +130,8 @@ def test_seqkd_cache_is_created_once_and_reused(tiny_overrides, count_generation
     assert feats != gold  # the teacher's samples replaced the gold responses
     assert not list(Path(a["cache"]).parent.glob("seqkd-*.tmp*"))  # written atomically
     # another sampling setting is another cache entry
-    other = compose_train([*tiny_overrides, "+experiment=baseline_seqkd", "data.n_train=24",
-                           "seqkd.sampling.temperature=0.7"])
+    other = compose_train([*tiny_overrides, "+experiment=baseline_seqkd", "data.n_train=24", "seqkd.batch_size=8",
+                           f"cache_dir={tmp_path}", "seqkd.sampling.temperature=0.7"])
     assert mgsr.seqkd.cache_path(other, tok) != Path(a["cache"])
 
 

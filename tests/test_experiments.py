@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -35,6 +36,15 @@ def _compose(overrides, hydra_cfg=False):
 def _grid(name: str) -> dict[str, list[str]]:
     params = _compose([f"+experiment={name}"], hydra_cfg=True).hydra.sweeper.params or {}
     return {k: [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one intra-op thread is faster, and never oversubscribes a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +107,17 @@ def test_experiment_runs_a_few_steps(name, cache_dir, tmp_path, monkeypatch):
     assert saved["train_cost"]["s_per_step"] > 0
     assert "rougeL" in saved["eval"]["summary"]["test"]
     assert results["exposure"]["n_prompts"] > 0
+
+
+def test_sweep_configs_compose():
+    cfg = _compose(["+experiment=ablation_loss_weights", "+sweep=seeds"], hydra_cfg=True)
+    assert set(cfg.hydra.sweeper.params) == {"weights", "seed"}
+    plugins = {"optuna_weights": "hydra_plugins.hydra_optuna_sweeper",
+               "optuna_multi_threshold": "hydra_plugins.hydra_optuna_sweeper",
+               "slurm": "hydra_plugins.hydra_submitit_launcher"}
+    import importlib.util
+
+    for name, module in plugins.items():  # optional plugins: checked where installed
+        if importlib.util.find_spec("hydra_plugins") and importlib.util.find_spec(module):
+            cfg = _compose(["+experiment=mgsr", f"+sweep={name}"], hydra_cfg=True)
+            assert cfg.hydra.sweeper.params or cfg.hydra.launcher

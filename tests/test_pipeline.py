@@ -50,9 +50,12 @@ def test_default_pipeline_end_to_end(tmp_path, tiny_overrides):
 
 
 def test_sft_only_run_needs_no_teacher(tmp_path, tiny_overrides):
-    cfg = compose_train([*tiny_overrides, "loss=sft", "cache_dir=" + str(tmp_path / "empty_cache")])
+    cfg = compose_train([*tiny_overrides, "loss=sft", "cache_dir=" + str(tmp_path / "empty_cache"),
+                         "eval.exposure_bias=false"])  # exposure bias compares with the teacher
     res = run(cfg, tmp_path / "run")
     assert not list((tmp_path / "empty_cache").glob("teacher-*"))  # no teacher stage for SFT
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/sft" in header and "dac/" not in header and "scrg/" not in header
     assert res["eval"]["summary"]["test"]["rougeL"][0] >= 0
 
 

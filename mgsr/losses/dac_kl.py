@@ -378,7 +378,8 @@ def _mass_merge_rows(t, s, lower, upper, *, kappa, hard, target_class):
     if hard and V > TOPK_CAP + 1:
         head_lp, head_idx, clean = _stable_topk(lp, TOPK_CAP)
         ok = clean & (head_lp.exp().cumsum(-1)[:, -1] >= upper.detach().to(dtype))
-        if bool(ok.any()):
+        # Splitting rows between paths copies them: worth it only when most rows can take the cheap one.
+        if 2 * int(ok.sum()) >= n:
             # lp is consumed by this path: later paths recompute the log-probs of their rows
             todo = ~ok | run(ok, lambda rows: _TopkHardMassMerge.apply(
                 *rows_of(rows, s, lp, head_lp, head_idx, lower, upper), target_class))
