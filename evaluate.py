@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     try:
         results = evaluate_from_config(cfg, out_dir)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always exactly one line
         sys.exit(2)
     print(f"\n{cfg.model_path} — mean ± std over seeds {list(cfg.seeds)}\n")
     print(results["table"])

@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg, run_dir)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always exactly one line
         sys.exit(2)
     if "table" in results:
         print(f"\n{cfg.name} — test split, mean ± std over seeds {results['eval']['seeds']}\n")

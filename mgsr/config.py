@@ -64,6 +64,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be > 0")
     if int(s.buffer_capacity) <= 0:
         raise ConfigError(f"scrg.buffer_capacity={s.buffer_capacity}: must be > 0")
+    _check_switches(cfg, weights)
 
     data = cfg.data
     if data.source not in ("synthetic", "jsonl"):
@@ -89,6 +90,46 @@ def validate(cfg: DictConfig) -> None:
             and not os.environ.get("WORLD_SIZE"):
         raise ConfigError("trainer.strategy=fsdp on CPU needs a process group: set trainer.devices>=2 "
                           "(gloo) or launch with torchrun")
+
+
+def _check_switches(cfg: DictConfig, weights: dict) -> None:
+    """Named options and ranges that the loss objects, ScrgConfig and SamplingConfig would otherwise reject only
+    after the teacher has loaded."""
+    from mgsr.generation import SamplingConfig
+    from mgsr.losses.divergences import DIVERGENCES
+    from mgsr.scrg import ScrgConfig
+
+    d = cfg.loss.get("distill")
+    target = str(d.get("_target_", "")) if d is not None and weights["distill_weight"] > 0 else ""
+    if target.endswith("Divergence") and d.get("name", "fkl") not in DIVERGENCES:
+        raise ConfigError(f"loss.distill.name={d.name!r}: unknown divergence; choose one of {', '.join(DIVERGENCES)}")
+    if target.endswith("DacKl"):
+        for key, allowed in (("head", ("learnable", "fixed")), ("band", ("mass", "logprob", "off")),
+                             ("remainder", ("merge", "drop"))):
+            if key in d and d[key] not in allowed:
+                raise ConfigError(f"loss.distill.{key}={d[key]!r}: choose one of {', '.join(allowed)}")
+        if float(d.get("kappa", 1.0)) <= 0 or float(d.get("beta", 0.0)) < 0:
+            raise ConfigError(f"loss.distill: need kappa > 0 and beta >= 0, got kappa={d.get('kappa')}, "
+                              f"beta={d.get('beta')}")
+    span = cfg.loss.get("span")
+    if span is not None and weights["span_weight"] > 0 and span.get("relation", "hadamard") not in ("hadamard", "cosine"):
+        raise ConfigError(f"loss.span.relation={span.relation!r}: choose hadamard or cosine")
+
+    s = cfg.scrg
+    try:
+        ScrgConfig(**{k: s[k] for k in ScrgConfig.__dataclass_fields__ if k in s})  # messages name scrg.<key>
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    try:
+        SamplingConfig(**to_container(s.get("sampling") or {}))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"scrg.sampling: {e}") from None
+    if not 0.0 <= float(s.get("student_prob", 1.0)) <= 1.0:
+        raise ConfigError(f"scrg.student_prob={s.student_prob}: must be in [0, 1]")
+
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "last") and not Path(os.path.expanduser(str(ckpt))).is_file():
+        raise ConfigError(f"ckpt_path={ckpt}: no checkpoint there (use a .ckpt file, or 'last' for this run dir's)")
 
 
 def to_container(node):

@@ -84,7 +84,31 @@ def _jsonl_corpus(path: str):
 
 
 # data-config keys that describe the run rather than the datamodule (see conf/data/dolly.yaml)
-DATA_RUN_KEYS = ("tokenizer_vocab_size", "eval_sets")
+DATA_RUN_KEYS = ("tokenizer_vocab_size", "eval_sets", "hub")
+
+
+def resolve_data_path(cfg: DictConfig) -> None:
+    """JSONL data with `data.hub` set and no local copy at `data.path`: download MiniLLM's split from the hub
+    into the cache (mgsr/data/hub.py) and point `data.path` there. A local copy always wins."""
+    d = cfg.data
+    if d.source != "jsonl" or not d.get("hub") or (d.get("path") and Path(d.path).is_dir()):
+        return
+    from omegaconf import open_dict
+
+    from mgsr.data.hub import fetch_minillm_dolly
+
+    try:
+        path = fetch_minillm_dolly(d.hub, cfg.cache_dir)
+    except Exception as e:  # noqa: BLE001 - offline, no such repo, ...: one line saying what to set
+        raise ConfigError(f"data.path={d.get('path')} not found and fetching {d.hub} from the hub failed "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "point data.path at a local copy") from None
+    log.info("data: no local copy at %s, using %s from the hub (%s)", d.get("path"), d.hub, path)
+    with open_dict(cfg):
+        cfg.data.path = str(path)
+        dolly = cfg.get("sets", {}).get("dolly")
+        if dolly is not None and not Path(dolly.path).is_file():  # the Dolly eval set is that split's test file
+            dolly.path = str(path / DOLLY_FILES["test"])
 
 
 def build_datamodule(cfg: DictConfig, tokenizer, **overrides) -> DistillDataModule:
@@ -234,14 +258,42 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     w = cfg.logger.wandb
     if w.enabled and w.mode != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
-        try:
-            loggers.append(WandbLogger(project=w.project, entity=w.entity, name=cfg.name,
-                                       group=cfg.group or _sweep_group(cfg, run_dir), save_dir=str(run_dir),
-                                       offline=w.mode == "offline", mode=w.mode,
-                                       config=OmegaConf.to_container(cfg, resolve=True)))
-        except Exception as e:  # noqa: BLE001 - W&B must never block a run
-            log.warning("W&B logger unavailable (%s); continuing with CSV only", e)
+        kw = dict(project=w.project, entity=w.entity, name=cfg.name, group=cfg.group or _sweep_group(cfg, run_dir),
+                  save_dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True))
+        mode = w.mode
+        if mode == "online":
+            # Start the W&B run now, with a timeout: no API key or no network fails here in seconds (instead of
+            # hanging ~90 s and then crashing inside fit), and the run goes on logging offline.
+            try:
+                import wandb
+
+                lg = WandbLogger(**kw, offline=False, mode="online",
+                                 settings=wandb.Settings(init_timeout=float(w.get("init_timeout", 30))))
+                lg.experiment  # noqa: B018 - creates the run
+                loggers.append(lg)
+            except Exception as e:  # noqa: BLE001 - W&B must never block a run
+                log.warning("W&B online unavailable (%s: %s); logging offline instead", type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+                mode = "offline"
+        if mode != "online":
+            try:
+                loggers.append(WandbLogger(**kw, offline=True, mode=mode))
+            except Exception as e:  # noqa: BLE001 - W&B must never block a run
+                log.warning("W&B logger unavailable (%s); continuing without it", e)
     return loggers
+
+
+def wandb_offline_dir(loggers) -> str | None:
+    """Directory of an offline W&B run (upload later with `wandb sync <dir>`), None when there is none."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            try:
+                run = lg.experiment
+                if run.settings.mode in ("offline", "dryrun"):
+                    return str(Path(run.dir).parent)
+            except Exception:  # noqa: BLE001 - reporting only
+                return None
+    return None
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list, module=None) -> L.Trainer:
@@ -267,14 +319,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
 
 # -- the run ----------------------------------------------------------------------------------------------------
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    resolve_data_path(cfg)  # data.hub: no local copy -> fetched once into the cache
     validate(cfg)  # before anything loads
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    tokenizer = build_tokenizer(cfg)
-    dm = build_datamodule(cfg, tokenizer)
-    dm.setup("fit")
+    try:
+        tokenizer = build_tokenizer(cfg)
+        dm = build_datamodule(cfg, tokenizer)
+        dm.setup("fit")
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError) as e:  # e.g. an empty split: one line, before any model loads
+        raise ConfigError(f"data: {e}") from None
     final_sets = eval_sets(dm, cfg) if cfg.eval.enabled else None  # a missing eval file fails before training
     distills = cfg.loss.distill_weight > 0 or cfg.loss.span_weight > 0
     teacher = ensure_teacher(cfg, tokenizer, dm) if distills else None
@@ -296,13 +354,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt = cfg.ckpt_path
     if ckpt == "last":
         ckpt = str(run_dir / "checkpoints" / "last.ckpt")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        if not Path(ckpt).is_file():  # auto-resume of a job that never reached its first checkpoint
+            log.warning("ckpt_path=last: no %s yet; starting from scratch", ckpt)
+            ckpt = None
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)  # checkpoints hold tensors and primitives
 
     results = {"name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir), "data_stats": dm.stats,
                "train_cost": cost.summary(module), "val": {k: float(v) for k, v in trainer.callback_metrics.items()
                                                            if k.startswith("val/")}}
     if seqkd_stats is not None:
         results["seqkd"] = seqkd_stats
+    offline = wandb_offline_dir(loggers)
+    if offline:
+        results["wandb_offline_dir"] = offline
+        log.info("W&B offline run: %s (upload with: wandb sync %s)", offline, offline)
     if getattr(module, "scrg_history", None):  # what SCRG did over training (e.g. corrected tokens per sequence)
         results["scrg"] = {k: sum(v) / len(v) for k, v in module.scrg_history.items() if v}
     best = _best_checkpoint(trainer)

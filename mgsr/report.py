@@ -173,13 +173,15 @@ def build_report(dirs) -> Report:
     if not runs:
         raise FileNotFoundError(f"no results.json under {', '.join(map(str, dirs))} (did the runs finish?)")
     labels, header = variant_labels(runs)
-    eval_sets = []
+    eval_sets, set_labels = [], {}
     for r in runs:
+        set_labels.update(r.results.get("eval", {}).get("labels") or {})  # e.g. uinst -> "U-NI subset"
         for s in r.results.get("eval", {}).get("summary", {}):
             if s != AVERAGE and s not in eval_sets:
                 eval_sets.append(s)
     rouge_cols = [f"rougeL/{s}" for s in eval_sets] + [f"rougeL/{AVERAGE}"]
-    col_labels = {f"rougeL/{s}": f"ROUGE-L {s}" for s in eval_sets} | {f"rougeL/{AVERAGE}": "ROUGE-L Average"}
+    col_labels = {f"rougeL/{s}": f"ROUGE-L {set_labels.get(s, s)}" for s in eval_sets}
+    col_labels[f"rougeL/{AVERAGE}"] = "ROUGE-L Average"
     col_labels |= {key: label for key, label, _ in EXTRA_COLUMNS}
 
     values: dict[str, dict[str, list]] = {}

@@ -172,3 +172,41 @@ def test_train_on_dolly_subset_and_evaluate_named_sets(tmp_path, tiny_dolly, cac
     assert list(saved["eval"]["summary"]) == ["dolly", "uinst", "Average"]
     assert res["table"].splitlines()[0] == "| metric | Dolly | U-NI subset | Average |"
     assert (tmp_path / "run" / "student" / "tokenizer.json").is_file()
+
+
+@needs_data
+def test_dolly_from_the_hub_when_there_is_no_local_copy(tmp_path, monkeypatch):
+    """No files at data.path: MiniLLM/dolly's raw.jsonl (dev = first 1,000 rows, train = the rest) and
+    valid.jsonl (test) are fetched into the cache in the local layout. The download is faked offline."""
+    import huggingface_hub
+
+    from mgsr.pipeline import resolve_data_path
+
+    dolly = DATA / "dolly"
+    raw = tmp_path / "raw.jsonl"
+    train_head = (dolly / "minillm_train.jsonl").read_text().splitlines(keepends=True)[:20]
+    raw.write_text((dolly / "minillm_dev.jsonl").read_text() + "".join(train_head))
+    calls = []
+
+    def fake_download(repo_id, filename, repo_type=None, revision=None):
+        calls.append((repo_id, filename, repo_type))
+        return str(raw if filename == "raw.jsonl" else dolly / "minillm_test.jsonl")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    overrides = ["data=dolly", f"data.path={tmp_path / 'absent'}", f"cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_train(overrides)
+    resolve_data_path(cfg)
+    got = Path(cfg.data.path)
+    assert calls == [("MiniLLM/dolly", "raw.jsonl", "dataset"), ("MiniLLM/dolly", "valid.jsonl", "dataset")]
+    assert (got / "minillm_dev.jsonl").read_text() == (dolly / "minillm_dev.jsonl").read_text()
+    assert (got / "minillm_train.jsonl").read_text() == "".join(train_head)
+    assert len(load_jsonl_records(str(got / "minillm_test.jsonl")).records) == 500
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    cfg = compose_train([*overrides[:2], f"cache_dir={tmp_path / 'other'}"])
+    with pytest.raises(ConfigError, match="absent not found and fetching MiniLLM/dolly") as err:
+        resolve_data_path(cfg)
+    assert "\n" not in str(err.value)

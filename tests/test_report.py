@@ -81,8 +81,11 @@ def test_report_files(sweep):
 
 def test_several_eval_sets_and_average(tmp_path):
     sets = ("dolly", "selfinst", "vicuna")
-    _job(tmp_path, 0, _results("mgsr", 0, 20.0, sets=sets), ["seed=0"])
+    res = _results("mgsr", 0, 20.0, sets=sets)
+    res["eval"]["labels"] = {"selfinst": "SelfInst"}
+    _job(tmp_path, 0, res, ["seed=0"])
     rep = build_report([tmp_path])
+    assert rep.labels["rougeL/selfinst"] == "ROUGE-L SelfInst" and rep.labels["rougeL/dolly"] == "ROUGE-L dolly"
     assert rep.rouge_columns == ["rougeL/dolly", "rougeL/selfinst", "rougeL/vicuna", "rougeL/Average"]
     assert rep.rows["mgsr"]["rougeL/vicuna"][0] == pytest.approx(22.0)
     assert rep.rows["mgsr"]["rougeL/Average"][0] == pytest.approx(21.0)
@@ -101,6 +104,17 @@ def test_labels_across_experiments_and_multiple_keys():
                       "scrg.mode=single, scrg.threshold=0.8"]
     one = [Run(Path("a"), {"name": "mgsr"}, ["seed=0"]), Run(Path("b"), {"name": "mgsr"}, ["seed=1"])]
     assert variant_labels(one) == (["mgsr", "mgsr"], "variant")
+    # two sweep folders: each folder's shared overrides (and housekeeping like cache_dir) drop out
+    two = [Run(Path("a"), {"name": "mgsr"}, ["+experiment=mgsr", "trainer.max_steps=6", "cache_dir=/c", "seed=0"], 0),
+           Run(Path("b"), {"name": "ablation_no_span"}, ["+experiment=ablation_no_span", "loss.span_weight=1.0",
+                                                          "trainer.max_steps=9", "seed=0"], 1),
+           Run(Path("c"), {"name": "ablation_no_span"}, ["+experiment=ablation_no_span", "loss.span_weight=0.0",
+                                                          "trainer.max_steps=9", "seed=0"], 1)]
+    assert variant_labels(two)[0] == ["mgsr", "ablation_no_span, loss.span_weight=1.0",
+                                      "ablation_no_span, loss.span_weight=0.0"]
+    renamed = [Run(Path("a"), {"name": "components"}, ["+experiment=mgsr", "name=components"]),
+               Run(Path("b"), {"name": "components"}, ["+experiment=ablation_no_span", "name=components"])]
+    assert variant_labels(renamed) == (["mgsr", "ablation_no_span"], "experiment")
 
 
 def test_failed_jobs_are_listed_and_empty_dirs_fail_cleanly(sweep, tmp_path, capsys):
@@ -141,16 +155,13 @@ def test_wandb_table_goes_to_the_sweep_group(sweep, monkeypatch, tmp_path):
     assert not log_wandb_table(rep, group=group, settings=None, out_dir=tmp_path)
 
 
-def test_two_run_multirun_sweep_ends_with_a_report(tmp_path):
+def test_two_run_multirun_sweep_ends_with_a_report(tmp_path, tiny_overrides):
+    from test_experiments import fast
+
     sweep_dir = tmp_path / "sweep"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NLTK_DATA": os.environ.get(
-        "NLTK_DATA", str(REPO.parent / "shared/data/nltk_data"))}
-    cmd = [sys.executable, "train.py", "-m", "+experiment=ablation_no_span", "model.teacher_sft.max_steps=4",
-           "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "val_generate=2",
-           "data.n_train=64", "data.n_val=8", "data.n_test=8", "data.batch_size=4", "data.eval_batch_size=4",
-           "eval.seeds=[10]", "eval.limit=4", "eval.max_new_tokens=8", "eval.exposure_prompts=4",
-           "scrg.sampling.max_new_tokens=8", "logger=csv", "trainer.enable_progress_bar=false",
-           f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the suite's cache: the session's tiny teacher is re-used
+    cmd = [sys.executable, "train.py", "-m", "+experiment=ablation_no_span", *fast(tiny_overrides),
+           f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (sweep_dir / "report.md").read_text()

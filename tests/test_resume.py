@@ -33,10 +33,11 @@ def _cmd(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "train.py", *RUN, f"cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
 
 
-def _run(run_dir: Path, cache_dir: Path, *extra: str) -> None:
+def _run(run_dir: Path, cache_dir: Path, *extra: str) -> str:
     out = subprocess.run(_cmd(run_dir, cache_dir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
 
 
 def _start_and_kill(run_dir: Path, cache_dir: Path) -> int:
@@ -86,7 +87,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir
     _run(straight, cache_dir)  # also fills the tokenizer / teacher cache the other runs use
     step = _start_and_kill(killed, cache_dir)
     assert 0 < step < MAX_STEPS and step % 2 == 0
-    _run(killed, cache_dir, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}")  # same run dir
+    log = _run(killed, cache_dir, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}")  # same run dir
+    assert "Restored all states from the checkpoint" in log  # resumed, not restarted from step 0
 
     a, b = (json.loads((d / "results.json").read_text()) for d in (straight, killed))
     assert a["val"] and a["val"] == b["val"]

@@ -210,7 +210,7 @@ class _SortedMassMerge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, lp, lower, upper, kappa, hard, target_class):
-        dtype, (n, V) = lp.dtype, lp.shape
+        dtype, V = lp.dtype, lp.shape[-1]
         lq = to_log_probs(s, dtype)
         lp_s, order = lp.sort(dim=-1, descending=True, stable=True)
         pd = lq.gather(-1, order)  # lq_s for now; buffers are reused in place below

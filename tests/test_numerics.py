@@ -1,0 +1,121 @@
+"""Numerics not covered elsewhere: SFT under extreme logits, and DAC-KL's fast paths (the full-sort Function and
+the hard-mask top-k Function, used above TOPK_CAP classes) against the reference formulation, including
+hypothesis cases with logits up to +-1e4, ties, one-hot teachers, -inf columns and bf16 inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mgsr.losses.dac_kl as dac
+from mgsr.losses import dac_kl_loss, sft_loss
+from mgsr.losses.divergences import to_log_probs
+
+V = dac.TOPK_CAP + 44  # wide enough for the top-k path
+
+
+def _reference(t, s, mask, lower, upper, *, hard, target_class, beta=1.0, kappa=50.0):
+    """The loss assembled from `_reference_terms` over every token (plain autograd, log-space sums)."""
+    lp, lq = to_log_probs(t.detach(), torch.float32), to_log_probs(s, torch.float32)
+    kl, cov, kept = dac._reference_terms(lp, lq, lower, upper, band="mass", remainder="merge", kappa=kappa,
+                                         hard=hard, target_class=target_class)
+    m = mask.float()
+    n = m.sum().clamp_min(1)
+    return ((kl * m).sum() + beta * ((1 - cov) * m).sum()) / n, (kl * m).sum() / n, (cov * m).sum() / n, \
+        (kept * m).sum() / n
+
+
+def _peaked(seed: int, shape=(2, 5)) -> torch.Tensor:
+    """LM-like teacher logits: a Zipf-shaped spread, so the top classes hold most of the mass."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.stack([torch.randperm(V, generator=g) for _ in range(math.prod(shape))]).view(*shape, V)
+    return -3.0 * torch.log1p(ranks.float()) + torch.randn(*shape, V, generator=g)
+
+
+def _run(fn, t, s0, mask, lo0, up0, **kw):
+    s, lo, up = s0.clone().requires_grad_(), lo0.clone().requires_grad_(), up0.clone().requires_grad_()
+    out = fn(t, s, mask, lo, up, **kw)
+    loss = out.loss if hasattr(out, "loss") else out[0]
+    loss.backward()
+    grads = [torch.zeros_like(x) if x.grad is None else x.grad for x in (s, lo, up)]
+    values = (out.loss, out.kl, out.coverage, out.kept) if hasattr(out, "loss") else out
+    return [v.detach() for v in values], grads
+
+
+@pytest.mark.parametrize("teacher", ["peaked", "flat"])
+@pytest.mark.parametrize("hard", [True, False])
+@pytest.mark.parametrize("target_class", [True, False])
+def test_fast_paths_match_the_reference(teacher, hard, target_class, monkeypatch):
+    calls = {"topk": 0, "sorted": 0}
+    for name, key in (("_TopkHardMassMerge", "topk"), ("_SortedMassMerge", "sorted")):
+        fn = getattr(dac, name)
+
+        class Counting(fn):
+            @classmethod
+            def apply(cls, *args, _key=key, _fn=fn):
+                calls[_key] += 1
+                return _fn.apply(*args)
+
+        monkeypatch.setattr(dac, name, Counting)
+    g = torch.Generator().manual_seed(0)
+    t = _peaked(1) if teacher == "peaked" else torch.randn(2, 5, V, generator=g) * 3
+    s = t + torch.randn(2, 5, V, generator=g)
+    mask = torch.tensor([[True, True, False, True, True], [True, False, True, True, True]])
+    lower = torch.rand(2, 5, generator=g) * 0.3
+    upper = 0.7 + torch.rand(2, 5, generator=g) * 0.3
+    kw = {"hard": hard, "target_class": target_class}
+    got, got_grads = _run(dac_kl_loss, t, s, mask, lower, upper, **kw)
+    ref, ref_grads = _run(_reference, t, s, mask, lower, upper, **kw)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    expected = "topk" if hard and teacher == "peaked" else "sorted"
+    assert calls[expected] >= 1, calls  # the path under test really ran
+    if not hard:
+        assert calls["topk"] == 0  # a cap is never exact for the soft mask
+
+
+@st.composite
+def extreme_logits(draw, vocab: int, rows: int = 2) -> torch.Tensor:
+    def row(kind: str) -> list[float]:
+        if kind == "random":
+            return draw(st.lists(st.floats(-1e4, 1e4), min_size=vocab, max_size=vocab))
+        if kind == "equal":
+            return [draw(st.floats(-1e4, 1e4))] * vocab
+        hot = draw(st.integers(0, vocab - 1))
+        return [1e4 if v == hot else -1e4 for v in range(vocab)]
+
+    kinds = st.sampled_from(["random", "equal", "onehot"])
+    return torch.tensor([[row(draw(kinds)) for _ in range(rows)]])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data(), hard=st.booleans(), target_class=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), lower=st.floats(0.0, 0.3), upper=st.floats(0.7, 1.0))
+def test_dac_kl_wide_vocab_extreme_logits_finite(data, hard, target_class, dtype, lower, upper):
+    vocab = data.draw(st.sampled_from([V, 5]))
+    t = data.draw(extreme_logits(vocab)).to(dtype)
+    s = data.draw(extreme_logits(vocab)).to(dtype).requires_grad_()
+    lo = torch.full((1, 2), lower, requires_grad=True)
+    up = torch.full((1, 2), upper, requires_grad=True)
+    out = dac_kl_loss(t, s, torch.ones(1, 2, dtype=torch.bool), lo, up, hard=hard, target_class=target_class)
+    assert torch.isfinite(out.loss) and out.kl.item() >= -1e-6
+    out.loss.backward()
+    assert torch.isfinite(s.grad.float()).all()
+    assert all(torch.isfinite(g).all() for g in (lo.grad, up.grad) if g is not None)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(logits=extreme_logits(7, rows=3), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       targets=st.lists(st.integers(0, 6), min_size=3, max_size=3))
+def test_sft_extreme_logits_finite(logits, dtype, targets):
+    x = logits.to(dtype).requires_grad_()
+    loss = sft_loss(x, torch.tensor([targets]), torch.ones(1, 3, dtype=torch.bool))
+    assert torch.isfinite(loss) and loss.item() >= 0.0
+    loss.backward()
+    assert torch.isfinite(x.grad.float()).all()
