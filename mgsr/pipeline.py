@@ -379,6 +379,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         best = best or _last_checkpoint(trainer)
         if not best:
             log.warning("sharded strategy and no checkpoint: the trained student cannot be exported")
+    if best and Path(best).is_dir():  # DeepSpeed writes a directory of shards: not loadable here
+        log.warning("checkpoint %s is a DeepSpeed directory; convert it with lightning.pytorch.utilities.deepspeed."
+                    "convert_zero_checkpoint_to_fp32_state_dict and evaluate that (not loaded here)", best)
+        best = None
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})

@@ -163,6 +163,7 @@ def _run_worker(args: list[str], timeout: int = 600) -> subprocess.CompletedProc
 
 
 # -- tests ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # two processes + a single-process reference run (~20 s idle, more on a loaded machine)
 def test_ddp_two_cpu_processes_shard_data_and_match_single_process(tmp_path, cache_dir):
     base = [*DDP_OVERRIDES, f"cache_dir={cache_dir}"]
     single = tmp_path / "single"
@@ -192,6 +193,7 @@ def test_ddp_two_cpu_processes_shard_data_and_match_single_process(tmp_path, cac
     assert (tmp_path / "ddp_run" / "student" / "config.json").is_file() and "eval" in results
 
 
+@pytest.mark.slow  # spawns two processes
 def test_fsdp_rollouts_on_cpu_match_unsharded_generation(tmp_path):
     proc = _run_worker(["fsdp", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]

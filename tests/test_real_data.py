@@ -154,6 +154,7 @@ def test_evaluate_over_the_five_sets_and_a_malformed_one(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow  # teacher SFT + MGSR steps + evaluation on Dolly
 def test_train_on_dolly_subset_and_evaluate_named_sets(tmp_path, tiny_dolly, cache_dir):
     """The pipeline on Dolly-format files with model=tiny: tokenizer from Dolly text, teacher SFT on it,
     MGSR steps, final evaluation on named real sets with their labels; the malformed row is counted."""

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO, TINY
 
@@ -81,6 +82,7 @@ def _assert_same(a, b, path="") -> None:
         assert a == b, path
 
 
+@pytest.mark.slow  # three training subprocesses: ~40 s on an idle 2-core machine, ~100 s on a loaded one
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir):
     straight, killed = tmp_path / "straight" / "run", tmp_path / "killed" / "run"
     killed.parent.mkdir()

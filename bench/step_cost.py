@@ -1,0 +1,254 @@
+"""Cost of one optimiser step, per method, for the same teacher, student and batch; and SCRG's re-generation vs a
+full generation of the same length.
+
+    python bench/step_cost.py                  # tiny default models (conf/model/tiny.yaml), batch 8, CPU
+    python bench/step_cost.py --rounds 2 --steps 4 --methods kd mgsr
+
+Each method is a real Lightning step (training_step, backward, optimiser step, and the sequence callback's
+rollouts/revision for the methods that use student data), composed from the same Hydra configs as train.py.
+Methods are measured round-robin in one process: every round runs `--steps` timed steps of each method in turn
+(after one untimed warm-up step per fit), so a slow phase of a shared machine hits every method alike.
+Step times are medians over rounds of the per-round mean (the mean over a round amortises methods whose steps
+differ: SCRG every 4 steps, GKD's lambda, ImitKD's schedule). Peak memory: the most bytes torch had allocated
+during one (separate, profiled) step, above what was live before it. Ratios are to KD (forward KL + SFT on gold).
+Models are randomly initialised (the cost does not depend on training; a random student rarely emits EOS, so
+rollouts run to the length cap: the worst case for generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import lightning as L
+import torch
+from common import REPO, add_threads_arg, machine, set_threads, table, write_json
+
+from mgsr.generation import SamplingConfig, continue_generation, generate
+from mgsr.models import build_from_config, freeze
+from mgsr.pipeline import (
+    build_datamodule,
+    build_module,
+    build_sequence_callback,
+    build_tokenizer,
+    uses_student_sequences,
+)
+from mgsr.scrg import ScrgConfig, pick_corrections, score, token_divergence
+
+# name -> (Hydra overrides, what one step does)
+METHODS = {
+    "sft": (["+experiment=baseline_sft"], "SFT on the gold response"),
+    "kd": (["+experiment=baseline_kd"], "0.5 SFT + 0.5 forward KL on gold (teacher-forced)"),
+    "mgsr_gold": (["scrg=off"], "MGSR losses (SFT + DAC-KL + span) on gold: no student data"),
+    "mgsr_rounds0": (["scrg.rounds=0"], "MGSR losses on fresh student rollouts, no SCRG revision"),
+    "mgsr": ([], "MGSR default: rollout + 1 SCRG round every step (every_n_steps=1)"),
+    "mgsr_every4": (["scrg.every_n_steps=4"], "MGSR, SCRG every 4 steps, replay between (amortised)"),
+    "seqkd": (["+experiment=baseline_sft"], "SeqKD's step = SFT on cached teacher samples (one-off sampling)"),
+    "gkd": (["+experiment=baseline_gkd"], "GKD: JSD(0.5); student data with prob. 0.5 (amortised)"),
+    "imitkd": (["+experiment=baseline_imitkd"], "ImitKD: FKL; student-data prob. rises 0->1 (amortised)"),
+    "distillm": (["+experiment=baseline_distillm", "scrg.schedule.init=1.0"],
+                 "DistiLLM: skew FKL; phi=1: fresh/replay mix, fresh share 1-t/T (amortised)"),
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+class StepTimer(L.Callback):
+    """Wall time of every step from the first on_train_batch_start hook to on_train_batch_end (after the
+    optimiser step); profiles the allocations of step `profile_step` instead of timing it."""
+
+    def __init__(self, profile_step: int | None = None):
+        self.times, self.peak, self.profile_step = [], None, profile_step
+        self._t0 = self._prof = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.profile_step:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.start()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        dt = time.perf_counter() - self._t0
+        if self._prof is not None:
+            self._prof.stop()
+            events = sorted((e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                            key=lambda e: e.start_ns())
+            cur = peak = 0
+            for e in events:
+                cur += e.nbytes()
+                peak = max(peak, cur)
+            self.peak, self._prof = peak, None
+        elif trainer.global_step > 1:  # the first step of a fit builds optimiser state: not timed
+            self.times.append(dt)
+
+
+def fit_steps(cfg, student, teacher, tokenizer, batch, steps: int, profile_step: int | None = None):
+    """Run `steps` optimiser steps of the method `cfg` on copies of the same batch; returns the StepTimer."""
+    module = build_module(cfg, student, teacher, tokenizer)
+    timer = StepTimer(profile_step)
+    callbacks = [timer]
+    if uses_student_sequences(cfg):
+        callbacks.append(build_sequence_callback(cfg, seed=cfg.seed))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=callbacks)
+    loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train_dataloaders=loader)
+    return timer
+
+
+def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: int, eos_id: int, pad_id: int) -> dict:
+    """SCRG's re-generation after the corrected position (prefix KV cache re-used, as `revise_once` does), the
+    same without the cache, and a full generation from the prompt with the same length cap."""
+    student.eval()
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_attention_mask"]
+    seqs = generate(student, prompt_ids, prompt_mask, sampling, eos_id=eos_id, pad_id=pad_id,
+                    generator=torch.Generator().manual_seed(0))
+    P = seqs["prompt_len"]
+    resp, resp_mask = seqs["input_ids"][:, P:], seqs["response_mask"][:, P:]
+
+    def splice():
+        t_logits, s_logits, cache = score(teacher, student, seqs)
+        y_t = t_logits.argmax(-1)
+        picked = pick_corrections(token_divergence(t_logits, s_logits, "fkl"), resp_mask & (resp != y_t), ScrgConfig())
+        active = picked.any(-1)
+        cols = torch.arange(resp.shape[1])[None, :]
+        first = torch.where(picked, cols, torch.full_like(cols, resp.shape[1])).min(-1).values
+        spliced = dict(seqs, input_ids=torch.cat([seqs["input_ids"][:, :P], torch.where(picked, y_t, resp)], 1))
+        keep = torch.where(active, first + 1, resp_mask.sum(-1))
+        return spliced, keep, cache, torch.where(active, first, keep), active
+
+    times = {"regen_cached": [], "regen_no_cache": [], "full_generation": []}
+    new_tokens = {k: [] for k in times}
+    with torch.no_grad():
+        for r in range(reps):
+            for name in times:
+                gen = torch.Generator().manual_seed(100 + r)
+                if name == "full_generation":
+                    t0 = time.perf_counter()
+                    out = generate(student, prompt_ids, prompt_mask, sampling, eos_id=eos_id, pad_id=pad_id,
+                                   generator=gen)
+                    dt = time.perf_counter() - t0
+                    new_tokens[name].append(float(out["response_mask"].sum()))
+                    times[name].append(dt)
+                    continue
+                spliced, keep, cache, cache_valid, active = splice()  # a fresh cache each time (it is shifted)
+                kw = {"cache": cache, "cache_valid": cache_valid} if name == "regen_cached" else {}
+                t0 = time.perf_counter()
+                out = continue_generation(student, spliced, keep, sampling, eos_id=eos_id, pad_id=pad_id,
+                                          active=active, generator=gen, **kw)
+                dt = time.perf_counter() - t0
+                new_tokens[name].append(float((out["response_mask"].sum(-1) - keep).clamp_min(0).sum()))
+                times[name].append(dt)
+    spliced, keep, *_ = splice()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"median_s": med, "new_tokens": {k: statistics.mean(v) for k, v in new_tokens.items()},
+            "mean_keep_frac": float((keep.float() / resp_mask.sum(-1).clamp_min(1)).mean()),
+            "regen_cached_x_full": med["regen_cached"] / med["full_generation"],
+            "regen_no_cache_x_full": med["regen_no_cache"] / med["full_generation"],
+            "max_new_tokens": sampling.max_new_tokens, "batch": int(prompt_ids.shape[0])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per method per round (multiple of 4)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--regen-reps", type=int, default=5)
+    p.add_argument("--regen-lengths", type=int, nargs="+", default=[48, 128])
+    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "mgsr"), help="tokenizer cache")
+    p.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for every method")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "step_cost.json"))
+    add_threads_arg(p)
+    args = p.parse_args()
+    set_threads(args.threads)
+    if "kd" not in args.methods:
+        args.methods = ["kd", *args.methods]
+    L.seed_everything(0, verbose=False)
+    base = compose([f"cache_dir={args.cache_dir}", "data.n_train=256", "data.n_val=8", "data.n_test=8",
+                    *args.overrides])
+    tokenizer = build_tokenizer(base)
+    dm = build_datamodule(base, tokenizer, batch_size=args.batch_size)
+    dm.setup("fit")
+    batch = dm.collator([dm.datasets["train"][i] for i in range(args.batch_size)])
+    teacher = freeze(build_from_config(dict(base.model.teacher.arch), tokenizer, seed=1))
+    student0 = build_from_config(dict(base.model.student.arch), tokenizer, seed=0)
+    cfgs = {m: compose([f"cache_dir={args.cache_dir}", *METHODS[m][0], *args.overrides]) for m in args.methods}
+    students = {m: copy.deepcopy(student0) for m in args.methods}
+
+    per_round = {m: [] for m in args.methods}
+    peaks = {}
+    for r in range(args.rounds):
+        for m in args.methods:
+            timer = fit_steps(cfgs[m], students[m], teacher, tokenizer, batch, args.steps + 1)
+            per_round[m].append(statistics.mean(timer.times))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {per_round[m][-1]:.3f}s" for m in args.methods),
+              flush=True)
+    for m in args.methods:  # memory: one profiled step (step 2 of a short fit), not timed
+        peaks[m] = fit_steps(cfgs[m], copy.deepcopy(student0), teacher, tokenizer, batch, 3, profile_step=2).peak
+
+    kd_s, kd_mb = statistics.median(per_round["kd"]), peaks["kd"] / 2**20
+    rows = []
+    for m in args.methods:
+        s = statistics.median(per_round[m])
+        mb = peaks[m] / 2**20 if peaks[m] is not None else None
+        rows.append({"method": m, "step_s": s, "x_kd": s / kd_s, "peak_mb": mb,
+                     "mem_x_kd": mb / kd_mb if mb is not None and kd_mb else None, "what": METHODS[m][1],
+                     "per_round_s": per_round[m]})
+
+    regen = []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for length in args.regen_lengths:
+        sampling = SamplingConfig(max_new_tokens=length)
+        regen.append(regeneration_cost(teacher, student0, batch, sampling, args.regen_reps, eos, pad))
+
+    # the DAC-KL loss alone at V = 50k vs the forward KL (see bench/loss_scaling.py for the sweep)
+    from common import interleaved_medians
+    from loss_scaling import cases, make_logits
+
+    t, s = make_logits(args.batch_size * 16, 50257, "lm", torch.device("cpu"))
+    fns = cases(t, s, None, with_before=False)
+    loss_t = interleaved_medians({k: fns[k] for k in ("kl", "dac_soft", "dac_hard", "dac_module")}, repeats=3)
+    loss_rows = [{"loss": k, "median_s": v["median_s"], "x_kl": v["median_s"] / loss_t["kl"]["median_s"]}
+                 for k, v in loss_t.items()]
+
+    payload = {"machine": machine(), "args": vars(args), "steps": rows, "regeneration": regen, "loss_50k": loss_rows}
+    path = write_json(args.out, payload)
+    print(f"\nwrote {path}")
+    print(f"\nDAC-KL loss alone, fwd+bwd, {args.batch_size * 16} tokens, vocab 50257 (x_kl: / forward KL):")
+    print(table(loss_rows, ["loss", "median_s", "x_kl"]))
+    print("\nSCRG re-generation (prefix cache re-used) vs a full generation with the same length cap:")
+    print(table([{"max_new_tokens": g["max_new_tokens"], "keep_frac": g["mean_keep_frac"],
+                  "regen_cached_s": g["median_s"]["regen_cached"], "regen_no_cache_s": g["median_s"]["regen_no_cache"],
+                  "full_s": g["median_s"]["full_generation"], "cached_x_full": g["regen_cached_x_full"],
+                  "no_cache_x_full": g["regen_no_cache_x_full"]} for g in regen],
+                ["max_new_tokens", "keep_frac", "regen_cached_s", "regen_no_cache_s", "full_s", "cached_x_full",
+                 "no_cache_x_full"]))
+    m = payload["machine"]
+    print(f"\none optimiser step, tiny default models, batch {args.batch_size}, {m['cpu']} ({m['torch_threads']} "
+          f"threads); x_kd = / KD's step (median of {args.rounds} round means)")
+    print(table(rows, ["method", "step_s", "x_kd", "peak_mb", "mem_x_kd", "what"]))
+
+
+if __name__ == "__main__":
+    main()
