@@ -29,7 +29,8 @@ def main(cfg: DictConfig) -> float | None:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always exactly one line
         sys.exit(2)
     if "table" in results:
-        print(f"\n{cfg.name} — test split, mean ± std over seeds {results['eval']['seeds']}\n")
+        sets = ", ".join(results["eval"]["per_seed"])
+        print(f"\n{cfg.name} — {sets}: mean ± std over evaluation seeds {results['eval']['seeds']}\n")
         print(results["table"])
     print(f"run directory: {run_dir}")
     return results.get("val", {}).get("val/rougeL")  # the value an Optuna sweep maximises

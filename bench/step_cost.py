@@ -220,7 +220,16 @@ def main() -> None:
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     for length in args.regen_lengths:
         sampling = SamplingConfig(max_new_tokens=length)
-        regen.append(regeneration_cost(teacher, student0, batch, sampling, args.regen_reps, eos, pad))
+        res = regeneration_cost(teacher, student0, batch, sampling, args.regen_reps, eos, pad)
+        # the same, one row at a time: without ragged batching a row decodes only after its own correction
+        rows = [regeneration_cost(teacher, student0, {k: v[i:i + 1] if torch.is_tensor(v) else v
+                                                      for k, v in batch.items()}, sampling, args.regen_reps, eos, pad)
+                for i in range(args.batch_size)]
+        totals = {k: sum(r["median_s"][k] for r in rows) for k in res["median_s"]}
+        res["per_row_cached_x_full"] = totals["regen_cached"] / totals["full_generation"]
+        res["per_row_no_cache_x_full"] = totals["regen_no_cache"] / totals["full_generation"]
+        res["tokens_x_full"] = res["new_tokens"]["regen_cached"] / res["new_tokens"]["full_generation"]
+        regen.append(res)
 
     # the DAC-KL loss alone at V = 50k vs the forward KL (see bench/loss_scaling.py for the sweep)
     from common import interleaved_medians
@@ -237,13 +246,15 @@ def main() -> None:
     print(f"\nwrote {path}")
     print(f"\nDAC-KL loss alone, fwd+bwd, {args.batch_size * 16} tokens, vocab 50257 (x_kl: / forward KL):")
     print(table(loss_rows, ["loss", "median_s", "x_kl"]))
-    print("\nSCRG re-generation (prefix cache re-used) vs a full generation with the same length cap:")
+    print("\nSCRG re-generation (prefix cache re-used) vs a full generation with the same length cap, batch "
+          f"{args.batch_size} and one row at a time (per_row_*):")
     print(table([{"max_new_tokens": g["max_new_tokens"], "keep_frac": g["mean_keep_frac"],
-                  "regen_cached_s": g["median_s"]["regen_cached"], "regen_no_cache_s": g["median_s"]["regen_no_cache"],
+                  "new_tokens_x_full": g["tokens_x_full"], "regen_cached_s": g["median_s"]["regen_cached"],
                   "full_s": g["median_s"]["full_generation"], "cached_x_full": g["regen_cached_x_full"],
-                  "no_cache_x_full": g["regen_no_cache_x_full"]} for g in regen],
-                ["max_new_tokens", "keep_frac", "regen_cached_s", "regen_no_cache_s", "full_s", "cached_x_full",
-                 "no_cache_x_full"]))
+                  "no_cache_x_full": g["regen_no_cache_x_full"], "per_row_cached_x_full": g["per_row_cached_x_full"],
+                  "per_row_no_cache_x_full": g["per_row_no_cache_x_full"]} for g in regen],
+                ["max_new_tokens", "keep_frac", "new_tokens_x_full", "regen_cached_s", "full_s", "cached_x_full",
+                 "no_cache_x_full", "per_row_cached_x_full", "per_row_no_cache_x_full"]))
     m = payload["machine"]
     print(f"\none optimiser step, tiny default models, batch {args.batch_size}, {m['cpu']} ({m['torch_threads']} "
           f"threads); x_kd = / KD's step (median of {args.rounds} round means)")

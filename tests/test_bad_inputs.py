@@ -179,3 +179,16 @@ def test_prompt_longer_than_the_limit_is_a_counted_skip(tmp_path, tokenizer):
     # the final evaluation counts the prompts it cannot fit the same way (results.json: dropped_too_long)
     _, kept, dropped = encode_prompts(tokenizer, [{"prompt": "Say one."}, json.loads(long)], max_prompt_len=32)
     assert kept == [0] and dropped == 1
+
+
+@pytest.mark.parametrize("model_path", ["/nonexistent/student", "/nonexistent/run/checkpoints/best.ckpt"])
+def test_evaluate_missing_model(model_path):
+    from omegaconf import OmegaConf
+
+    from mgsr.evaluation.entry import resolve_model
+
+    cfg = OmegaConf.create({"model_path": model_path, "tokenizer_path": None, "dtype": "float32",
+                            "trust_remote_code": False})
+    with pytest.raises(ConfigError, match=f"model_path={model_path}") as err:
+        resolve_model(cfg)
+    assert "\n" not in str(err.value)

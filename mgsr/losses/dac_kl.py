@@ -185,6 +185,16 @@ def _tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny ** 0.5
 
 
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _descending_order(lp: torch.Tensor) -> torch.Tensor:
+    """The permutation of `lp.sort(dim=-1, descending=True, stable=True)` for log-probs (<= 0), found by sorting
+    the bit patterns of -lp as integers: for floats >= 0 the integer order is the float order, ties stay ties
+    (kept in index order by the stable sort), and an integer sort is ~1.5x faster than a float sort on CPU."""
+    return (-lp).view(_SAME_WIDTH_INT[lp.dtype]).sort(dim=-1, stable=True).indices
+
+
 def _hard_range(cum: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, width: int):
     """Columns [i0, i1) of the hard band (c_v > l and e_v < u) in a descending-sorted row; cum [n, K].
 
@@ -212,7 +222,8 @@ class _SortedMassMerge(torch.autograd.Function):
     def forward(ctx, s, lp, lower, upper, kappa, hard, target_class):
         dtype, V = lp.dtype, lp.shape[-1]
         lq = to_log_probs(s, dtype)
-        lp_s, order = lp.sort(dim=-1, descending=True, stable=True)
+        order = _descending_order(lp)
+        lp_s = lp.gather(-1, order)
         pd = lq.gather(-1, order)  # lq_s for now; buffers are reused in place below
         q_s = torch.exp(pd, out=lq)
         del lq
