@@ -222,10 +222,10 @@ def main() -> None:
         sampling = SamplingConfig(max_new_tokens=length)
         res = regeneration_cost(teacher, student0, batch, sampling, args.regen_reps, eos, pad)
         # the same, one row at a time: without ragged batching a row decodes only after its own correction
-        rows = [regeneration_cost(teacher, student0, {k: v[i:i + 1] if torch.is_tensor(v) else v
-                                                      for k, v in batch.items()}, sampling, args.regen_reps, eos, pad)
-                for i in range(args.batch_size)]
-        totals = {k: sum(r["median_s"][k] for r in rows) for k in res["median_s"]}
+        singles = [regeneration_cost(teacher, student0, {k: v[i:i + 1] if torch.is_tensor(v) else v
+                                                         for k, v in batch.items()}, sampling, args.regen_reps, eos,
+                                     pad) for i in range(args.batch_size)]
+        totals = {k: sum(r["median_s"][k] for r in singles) for k in res["median_s"]}
         res["per_row_cached_x_full"] = totals["regen_cached"] / totals["full_generation"]
         res["per_row_no_cache_x_full"] = totals["regen_no_cache"] / totals["full_generation"]
         res["tokens_x_full"] = res["new_tokens"]["regen_cached"] / res["new_tokens"]["full_generation"]

@@ -125,3 +125,15 @@ def test_sft_extreme_logits_finite(logits, dtype, targets):
     assert torch.isfinite(loss) and loss.item() >= 0.0
     loss.backward()
     assert torch.isfinite(x.grad.float()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_integer_key_sort_is_the_stable_descending_sort(dtype):
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(6, 50, generator=g) * 2).round()  # many ties
+    logits[1, :10] = -math.inf  # masked columns
+    logits[2] = 0.0  # all equal
+    logits[3, 7] = 1e4  # one-hot: log-prob exactly 0 there
+    lp = torch.log_softmax(logits.to(dtype), dim=-1)
+    expected = lp.sort(dim=-1, descending=True, stable=True).indices
+    assert torch.equal(dac._descending_order(lp), expected)
