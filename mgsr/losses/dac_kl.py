@@ -22,7 +22,8 @@ V-wide buffer costs more than the arithmetic written into it):
 * hard mask (fixed head): `topk` of the teacher with a cap (`TOPK_CAP`) plus the exact tail masses
   (masked sums of p and q over the classes outside the cap). Exact whenever the cap reaches the band's
   upper quantile (cumulative mass of the top classes >= u): every class outside it then has e_v >= u and
-  is in the remainder. Other tokens take the full-sort path.
+  is in the remainder. Other tokens take the full-sort path (the top-k path is used when at least half of
+  the tokens qualify: splitting a batch between paths copies rows).
 * soft mask (learnable head): one full stable sort. A cap is not exact here: the sigmoid gives every tail
   class a weight that depends on its own e_v (up to 0.5 when u = 1), which needs the full order.
 * tokens whose fast value is not finite or whose remainder mass is below sqrt(float tiny) (masked -inf
