@@ -192,7 +192,10 @@ class DistillModule(L.LightningModule):
             t = min((step - warm) / max(total - warm, 1), 1.0)
             return (floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * t))) / base
 
-        lambdas = [lambda s, b=g.get("lr", o["lr"]): schedule(s, b) for g in opt.param_groups]
+        def group_lambda(base):  # bind each group's own base lr (the f_sub group may differ)
+            return lambda step: schedule(step, base)
+
+        lambdas = [group_lambda(g.get("lr", o["lr"])) for g in opt.param_groups]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
