@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import extreme_pair
 
 from mgsr.losses import (
     DIVERGENCES,
@@ -241,29 +242,6 @@ def test_gradcheck_float64(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- extreme numerics
-
-
-@st.composite
-def extreme_pair(draw: st.DrawFn, vocab: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(teacher, student) [1, 2, vocab] logits from the nasty cases: huge values, ties, one-hot, -inf."""
-
-    def row(kind: str) -> list[float]:
-        if kind == "random":
-            return draw(st.lists(st.floats(-1e4, 1e4), min_size=vocab, max_size=vocab))
-        if kind == "equal":
-            return [draw(st.floats(-1e4, 1e4))] * vocab
-        hot = draw(st.integers(0, vocab - 1))
-        return [1e4 if v == hot else -1e4 for v in range(vocab)]
-
-    kinds = st.sampled_from(["random", "equal", "onehot"])
-    t = torch.tensor([[row(draw(kinds)) for _ in range(2)]])
-    s = torch.tensor([[row(draw(kinds)) for _ in range(2)]])
-    if draw(st.booleans()):  # masked vocabulary columns: -inf in both models, never the whole row
-        cols = draw(st.lists(st.integers(0, vocab - 2), max_size=2, unique=True))
-        t[..., cols] = -math.inf
-        s[..., cols] = -math.inf
-    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
-    return t.to(dtype), s.to(dtype)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
