@@ -318,7 +318,23 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record):
+        return "litlogger" not in record.getMessage()
+
+
+def tidy_lightning_logging() -> None:
+    """`import lightning` adds its own console handler *and* propagates to the root logger, so under Hydra
+    (which configures root) every Lightning line prints twice; and each Trainer advertises a cloud logger."""
+    if logging.getLogger().hasHandlers():
+        logging.getLogger("lightning").handlers.clear()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitLoggerTip) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLitLoggerTip())
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    tidy_lightning_logging()
     resolve_data_path(cfg)  # data.hub: no local copy -> fetched once into the cache
     validate(cfg)  # before anything loads
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -70,3 +70,29 @@ def test_multirun_sweep_of_two_runs(tmp_path, tiny_overrides):
     assert len(runs) == 2
     seeds = sorted(json.loads(p.read_text())["seed"] for p in runs)
     assert seeds == [0, 1]
+
+
+def test_lightning_lines_print_once_and_without_the_cloud_tip(caplog):
+    import logging
+
+    import lightning  # noqa: F401  (adds its own console handler on import)
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from mgsr.pipeline import tidy_lightning_logging
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    root.addHandler(handler)  # what Hydra does before the job runs
+    try:
+        logging.getLogger("lightning").addHandler(logging.StreamHandler())
+        tidy_lightning_logging()
+        tidy_lightning_logging()  # idempotent: one filter, not two
+        assert logging.getLogger("lightning").handlers == []
+        rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        assert len(rank_zero.filters) == 1
+        with caplog.at_level(logging.INFO):
+            rank_zero_info("💡 Tip: try installing [litlogger](https://pypi.org/project/litlogger/)")
+            rank_zero_info("GPU available: False")
+        assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
+    finally:
+        root.removeHandler(handler)
