@@ -333,6 +333,22 @@ def tidy_lightning_logging() -> None:
         rank_zero.addFilter(_DropLitLoggerTip())
 
 
+def check_epoch_length(cfg: DictConfig, n_train: int) -> None:
+    """Lightning would only say this after the models load (or, for max_epochs, not at all)."""
+    t = cfg.trainer
+    batches = -(-n_train // int(cfg.data.batch_size))  # per epoch, single process
+    vci = t.get("val_check_interval")
+    if isinstance(vci, int) and t.get("check_val_every_n_epoch") is not None and vci > batches:
+        raise ConfigError(f"trainer.val_check_interval={vci} is more than the {batches} batches of one epoch; lower "
+                          "it or set trainer.check_val_every_n_epoch=null to count batches across epochs")
+    max_steps, max_epochs = int(t.get("max_steps") or -1), t.get("max_epochs")
+    epoch_steps = batches // int(t.get("accumulate_grad_batches") or 1)
+    if max_steps > 0 and max_epochs is not None and 0 < int(max_epochs) * epoch_steps < max_steps:
+        log.warning("trainer.max_epochs=%s stops training after %d steps, before trainer.max_steps=%d "
+                    "(set trainer.max_epochs=-1 to train for max_steps)", max_epochs, int(max_epochs) * epoch_steps,
+                    max_steps)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     tidy_lightning_logging()
     resolve_data_path(cfg)  # data.hub: no local copy -> fetched once into the cache
@@ -349,6 +365,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise
     except (FileNotFoundError, ValueError) as e:  # e.g. an empty split: one line, before any model loads
         raise ConfigError(f"data: {e}") from None
+    check_epoch_length(cfg, len(dm.datasets["train"]))
     final_sets = eval_sets(dm, cfg) if cfg.eval.enabled else None  # a missing eval file fails before training
     distills = cfg.loss.distill_weight > 0 or cfg.loss.span_weight > 0
     teacher = ensure_teacher(cfg, tokenizer, dm) if distills else None

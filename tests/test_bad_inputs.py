@@ -192,3 +192,21 @@ def test_evaluate_missing_model(model_path):
     with pytest.raises(ConfigError, match=f"model_path={model_path}") as err:
         resolve_model(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_validation_interval_longer_than_an_epoch(tmp_path, no_model_loads):
+    # 64 records / batch 8 = 8 batches an epoch; Lightning would say so only after the teacher is trained
+    cfg = compose_train([*TINY, f"cache_dir={tmp_path}", "trainer.val_check_interval=20",
+                         "trainer.check_val_every_n_epoch=1"])
+    with pytest.raises(ConfigError, match="val_check_interval=20 is more than the 8 batches") as err:
+        pipeline.run(cfg, tmp_path / "run")
+    assert "\n" not in str(err.value)
+
+
+def test_max_epochs_that_ends_training_before_max_steps_is_warned(tmp_path, caplog):
+    cfg = compose_train([*TINY, f"cache_dir={tmp_path}", "trainer.max_epochs=1", "trainer.max_steps=20"])
+    pipeline.check_epoch_length(cfg, 64)
+    assert "trainer.max_epochs=1 stops training after 8 steps, before trainer.max_steps=20" in caplog.text
+    caplog.clear()
+    pipeline.check_epoch_length(compose_train([*TINY, f"cache_dir={tmp_path}", "trainer.max_steps=20"]), 64)
+    assert caplog.text == ""  # the default (max_epochs=-1) trains for max_steps across epochs
