@@ -119,3 +119,13 @@ def test_sweep_configs_compose():
         if importlib.util.find_spec("hydra_plugins") and importlib.util.find_spec(module):
             cfg = _compose(["+experiment=mgsr", f"+sweep={name}"], hydra_cfg=True)
             assert cfg.hydra.sweeper.params or cfg.hydra.launcher
+
+
+@pytest.mark.parametrize(("overrides", "lr"), [
+    ([], 1e-3),                                        # the tiny preset's own lr (a from-scratch student)
+    (["model=gpt2_xl_to_gpt2"], 5e-4),                 # no preset lr: the paper's GPT-2 student lr
+    (["optim.lr=3e-4"], 3e-4),                         # the command line wins
+    (["model=gpt2_xl_to_gpt2", "+model.lr=2e-4"], 2e-4),
+])
+def test_learning_rate_comes_from_the_model_preset_unless_given(overrides, lr):
+    assert compose_train(overrides).optim.lr == pytest.approx(lr)
