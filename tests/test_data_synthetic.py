@@ -189,10 +189,12 @@ class _Recorder(L.LightningModule):
 
 
 @pytest.mark.parametrize("limits", [{"max_epochs": 3}, {"max_epochs": -1, "max_steps": 15}])
-def test_lightning_resume_is_exact(tmp_path, tok, limits):
+def test_lightning_resume_is_exact(tmp_path, tok, limits, request):
     """Resuming from mid-epoch, last-batch and end-of-epoch checkpoints replays exactly the batches
     (and Lightning's epoch/batch indices) of the uninterrupted run."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet, level = logging.getLogger("lightning.pytorch"), logging.getLogger("lightning.pytorch").level
+    quiet.setLevel(logging.ERROR)  # for this test only: a leaked level silences Lightning in later tests
+    request.addfinalizer(lambda: quiet.setLevel(level))
 
     def fit(model, ckpt_path=None, callbacks=()):
         with warnings.catch_warnings():

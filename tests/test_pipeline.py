@@ -91,6 +91,8 @@ def test_lightning_lines_print_once_and_without_the_cloud_tip():
     root.addHandler(logging.NullHandler())  # what Hydra does before the job runs: root has handlers
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     rank_zero.addHandler(collect)  # a logger's filters run before its own handlers see a record
+    level = rank_zero.level
+    rank_zero.setLevel(logging.INFO)  # whatever an ancestor's level is
     try:
         logging.getLogger("lightning").addHandler(logging.StreamHandler())
         tidy_lightning_logging()
@@ -101,5 +103,6 @@ def test_lightning_lines_print_once_and_without_the_cloud_tip():
         rank_zero.warning("GPU available: False")
         assert collect.messages == ["GPU available: False"]
     finally:
+        rank_zero.setLevel(level)
         rank_zero.removeHandler(collect)
         root.handlers = [h for h in root.handlers if not isinstance(h, logging.NullHandler)]
