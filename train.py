@@ -20,8 +20,9 @@ log = logging.getLogger("mgsr")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from mgsr.pipeline import run  # imported here so --help and config errors stay fast
+    from mgsr.pipeline import run, tidy_lightning_logging  # here: --help and config errors stay fast
 
+    tidy_lightning_logging()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         results = run(cfg, run_dir)

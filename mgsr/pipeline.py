@@ -324,7 +324,7 @@ class _DropLitLoggerTip(logging.Filter):
 
 
 def tidy_lightning_logging() -> None:
-    """`import lightning` adds its own console handler *and* propagates to the root logger, so under Hydra
+    """For entry points, once Hydra has configured logging. `import lightning` adds its own console handler *and* propagates to the root logger, so under Hydra
     (which configures root) every Lightning line prints twice; and each Trainer advertises a cloud logger."""
     if logging.getLogger().hasHandlers():
         logging.getLogger("lightning").handlers.clear()
@@ -342,7 +342,7 @@ def check_epoch_length(cfg: DictConfig, n_train: int) -> None:
         raise ConfigError(f"trainer.val_check_interval={vci} is more than the {batches} batches of one epoch; lower "
                           "it or set trainer.check_val_every_n_epoch=null to count batches across epochs")
     max_steps, max_epochs = int(t.get("max_steps") or -1), t.get("max_epochs")
-    epoch_steps = batches // int(t.get("accumulate_grad_batches") or 1)
+    epoch_steps = -(-batches // int(t.get("accumulate_grad_batches") or 1))  # a partial accumulation steps too
     if max_steps > 0 and max_epochs is not None and 0 < int(max_epochs) * epoch_steps < max_steps:
         log.warning("trainer.max_epochs=%s stops training after %d steps, before trainer.max_steps=%d "
                     "(set trainer.max_epochs=-1 to train for max_steps)", max_epochs, int(max_epochs) * epoch_steps,
@@ -350,7 +350,6 @@ def check_epoch_length(cfg: DictConfig, n_train: int) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    tidy_lightning_logging()
     resolve_data_path(cfg)  # data.hub: no local copy -> fetched once into the cache
     validate(cfg)  # before anything loads
     L.seed_everything(cfg.seed, workers=True, verbose=False)

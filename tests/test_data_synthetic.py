@@ -1,6 +1,7 @@
 """The embedded synthetic task, the datamodule over it, and exact mid-epoch resumption of its train loader
 (standalone and through Lightning checkpoints)."""
 
+import functools
 import logging
 import re
 import warnings
@@ -192,9 +193,9 @@ class _Recorder(L.LightningModule):
 def test_lightning_resume_is_exact(tmp_path, tok, limits, request):
     """Resuming from mid-epoch, last-batch and end-of-epoch checkpoints replays exactly the batches
     (and Lightning's epoch/batch indices) of the uninterrupted run."""
-    quiet, level = logging.getLogger("lightning.pytorch"), logging.getLogger("lightning.pytorch").level
-    quiet.setLevel(logging.ERROR)  # for this test only: a leaked level silences Lightning in later tests
-    request.addfinalizer(lambda: quiet.setLevel(level))
+    quiet = logging.getLogger("lightning.pytorch")
+    request.addfinalizer(functools.partial(quiet.setLevel, quiet.level))  # a leaked level silences later tests
+    quiet.setLevel(logging.ERROR)
 
     def fit(model, ckpt_path=None, callbacks=()):
         with warnings.catch_warnings():

@@ -77,7 +77,7 @@ def test_lightning_lines_print_once_and_without_the_cloud_tip():
 
     import lightning  # noqa: F401  (adds its own console handler on import)
 
-    from mgsr.pipeline import tidy_lightning_logging
+    from mgsr.pipeline import _DropLitLoggerTip, tidy_lightning_logging
 
     class Collect(logging.Handler):
         def __init__(self):
@@ -98,7 +98,7 @@ def test_lightning_lines_print_once_and_without_the_cloud_tip():
         tidy_lightning_logging()
         tidy_lightning_logging()  # idempotent: one filter, not two
         assert logging.getLogger("lightning").handlers == []
-        assert sum(type(f).__name__ == "_DropLitLoggerTip" for f in rank_zero.filters) == 1
+        assert sum(isinstance(f, _DropLitLoggerTip) for f in rank_zero.filters) == 1
         rank_zero.warning("💡 Tip: try installing [litlogger](https://pypi.org/project/litlogger/)")
         rank_zero.warning("GPU available: False")
         assert collect.messages == ["GPU available: False"]
