@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from mgsr.baselines import build_sequence_callback
 from mgsr.callbacks import CostCallback
 from mgsr.config import ConfigError, to_container, validate
 from mgsr.data.datamodule import DOLLY_FILES, DistillDataModule
-from mgsr.data.synthetic import make_synthetic_splits, synthetic_corpus
+from mgsr.data.synthetic import SYNTHETIC_VERSION, make_synthetic_splits, synthetic_corpus
 from mgsr.data.tokenizer import load_or_build_tokenizer
 from mgsr.evaluation.run import EvalSettings, evaluate_sets
 from mgsr.evaluation.tables import markdown_table
@@ -39,12 +38,10 @@ from mgsr.models import (
 )
 from mgsr.module import DistillModule
 from mgsr.scrg import ScrgConfig
+from mgsr.sft_stage import fine_tune_cached, stable_hash, tokenizer_digest
 
 log = logging.getLogger("mgsr")
-
-
-def _hash(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+_hash = stable_hash
 
 
 # -- tokenizer and data ------------------------------------------------------------------------------------------
@@ -58,14 +55,41 @@ def build_tokenizer(cfg: DictConfig):
     # output for JSONL data such as Dolly), cached by what determines it.
     vocab = int(cfg.data.get("tokenizer_vocab_size") or spec.vocab_size)
     if cfg.data.source == "jsonl":
-        name = cfg.data.get("train_file") or DOLLY_FILES["train"]
-        train_file = name if os.path.isabs(name) or not cfg.data.get("path") else os.path.join(cfg.data.path, name)
+        train_file = _train_file(cfg)
         key = _hash({"vocab": vocab, "source": "jsonl", "train": _file_digest(train_file)})
         texts = lambda: _jsonl_corpus(train_file)  # noqa: E731
-    else:
-        key = _hash({"vocab": spec.vocab_size, "data_seed": cfg.data.seed, "n_train": cfg.data.n_train})
-        texts = lambda: synthetic_corpus(make_synthetic_splits(cfg.data.seed, cfg.data.n_train, 0, 0)["train"])  # noqa: E731
+    else:  # the teacher's corpus is a superset of the run's split: one tokenizer covers both
+        n = max(int(cfg.data.n_train), _teacher_corpus_size(cfg) or 0)
+        key = _hash({"vocab": vocab, "data_seed": cfg.data.seed, "n_train": n, "generator": SYNTHETIC_VERSION})
+        texts = lambda: synthetic_corpus(make_synthetic_splits(cfg.data.seed, n, 0, 0)["train"])  # noqa: E731
     return load_or_build_tokenizer(str(Path(cfg.cache_dir) / f"tokenizer-{key}"), texts, vocab)
+
+
+def _train_file(cfg: DictConfig) -> str:
+    name = cfg.data.get("train_file") or DOLLY_FILES["train"]
+    return name if os.path.isabs(name) or not cfg.data.get("path") else os.path.join(cfg.data.path, name)
+
+
+def _teacher_corpus_size(cfg: DictConfig) -> int | None:
+    """Synthetic data only: the size of the teacher's own training corpus (its "pretraining", a longer draw of
+    the same train prompt space whose first `data.n_train` records are the run's split); None: the run's split."""
+    n = (cfg.model.get("teacher_sft") or {}).get("n_train")
+    return int(n) if n and cfg.data.source != "jsonl" else None
+
+
+def data_identity(cfg: DictConfig, n_train: int | None = None, label_noise: float | None = None) -> dict:
+    """What determines the training split's token sequences: the key part of every cached SFT stage. Batch
+    size, workers and the eval splits do not change the training data, so they are not in it."""
+    d = cfg.data
+    label_noise = float(d.get("label_noise") or 0.0) if label_noise is None else float(label_noise)
+    ident = {"source": d.source, "max_len": int(d.max_len), "max_prompt_len": int(d.max_prompt_len),
+             "prompt_format": d.get("prompt_format")}
+    if d.source == "jsonl":
+        ident |= {"train": _file_digest(_train_file(cfg)), "max_train_records": d.get("max_train_records")}
+    else:
+        ident |= {"seed": int(d.seed), "n_train": int(n_train or d.n_train), "generator": SYNTHETIC_VERSION,
+                  "max_train_records": d.get("max_train_records"), "label_noise": label_noise}
+    return ident
 
 
 def _file_digest(path: str) -> str:
@@ -150,7 +174,9 @@ def build_student(cfg: DictConfig, tokenizer):
     if spec.get("name_or_path"):
         model = load_model(spec.name_or_path, dtype=spec.dtype, trust_remote_code=cfg.model.trust_remote_code)
         model = trim_vocab(model, len(tokenizer))
-    else:
+    elif student_init_enabled(cfg):  # the paper's protocol: every method starts from one SFT checkpoint
+        model = load_model(str(ensure_student_init(cfg, tokenizer)), dtype=spec.dtype)
+    else:  # from scratch
         model = build_from_config(to_container(spec.arch), tokenizer, seed=cfg.seed).to(_dtype(spec.dtype))
     if cfg.model.get("gradient_checkpointing"):  # transformers 5 renamed it activation checkpointing
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
@@ -193,33 +219,45 @@ def ensure_teacher(cfg: DictConfig, tokenizer, dm: DistillDataModule):
             teacher = merge_lora(teacher, spec.lora_path)
         return freeze(trim_vocab(teacher, len(tokenizer)))
     sft = to_container(cfg.model.teacher_sft)
-    key = _hash({"arch": to_container(spec.arch), "sft": sft, "data": to_container(cfg.data),
-                 "vocab": len(tokenizer), "tok": _hash(tokenizer.get_vocab())})
-    path = Path(cfg.cache_dir) / f"teacher-{key}"
-    if (path / "config.json").is_file():
-        log.info("teacher: using cached fine-tuned teacher %s", path)
-        return freeze(load_model(str(path), dtype=spec.dtype))
-    log.info("teacher: no checkpoint given, fine-tuning %s on the training split first (cached at %s)",
-             dict(spec.arch), path)
-    t0 = time.perf_counter()
-    model = build_from_config(to_container(spec.arch), tokenizer, seed=sft["seed"])
-    module = DistillModule(model, tokenizer, sft_weight=1.0, distill_weight=0.0, span_weight=0.0,
-                           optim={"lr": sft["lr"]}, val_generate=0, seed=sft["seed"])
-    teacher_dm = build_datamodule(cfg, tokenizer, batch_size=sft["batch_size"])
-    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, max_steps=sft["max_steps"], max_epochs=-1,
-                        logger=False, enable_checkpointing=False, gradient_clip_val=1.0, limit_val_batches=0,
-                        enable_progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)),
-                        enable_model_summary=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sft["seed"])
-        trainer.fit(module, datamodule=teacher_dm)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")  # atomic: a killed run never leaves half a teacher
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    log.info("teacher: fine-tuned in %.0fs, saved to %s", time.perf_counter() - t0, path)
+    n_corpus = _teacher_corpus_size(cfg)
+    key = _hash({"arch": to_container(spec.arch), "sft": sft,
+                 "data": data_identity(cfg, n_corpus, float(sft.get("label_noise") or 0.0)),
+                 "tok": tokenizer_digest(tokenizer)})
+    overrides = {"batch_size": sft["batch_size"]}
+    if cfg.data.source != "jsonl":  # the teacher's own corpus: longer, and as clean as teacher_sft says
+        overrides |= {"n_train": n_corpus or cfg.data.n_train, "label_noise": float(sft.get("label_noise") or 0.0)}
+    path = fine_tune_cached(
+        Path(cfg.cache_dir) / f"teacher-{key}", lambda: build_from_config(to_container(spec.arch), tokenizer,
+                                                                          seed=sft["seed"]),
+        tokenizer, build_datamodule(cfg, tokenizer, **overrides), max_steps=sft["max_steps"], lr=sft["lr"],
+        seed=sft["seed"], accelerator=cfg.trainer.accelerator, what="teacher",
+        progress=bool(cfg.trainer.get("enable_progress_bar", True)))
     return freeze(load_model(str(path), dtype=spec.dtype))
+
+
+def student_init_enabled(cfg: DictConfig) -> bool:
+    init = cfg.model.get("student_init")
+    return bool(init is not None and init.get("enabled") and not cfg.model.student.get("name_or_path"))
+
+
+def student_init_path(cfg: DictConfig, tokenizer) -> Path:
+    init = to_container(cfg.model.student_init)
+    key = _hash({"arch": to_container(cfg.model.student.arch), "init": {k: v for k, v in init.items() if k != "enabled"},
+                 "data": data_identity(cfg), "tok": tokenizer_digest(tokenizer)})
+    return Path(cfg.cache_dir) / f"student-sft-{key}"
+
+
+def ensure_student_init(cfg: DictConfig, tokenizer) -> Path:
+    """The SFT checkpoint every method of a run starts from (`model.student_init`): `arch` fine-tuned on the
+    run's training split, cached by what determines it. Its seed defaults to the run's, so each training seed
+    of a comparison has its own start, shared by all methods at that seed (a paired design)."""
+    init = cfg.model.student_init
+    return fine_tune_cached(
+        student_init_path(cfg, tokenizer),
+        lambda: build_from_config(to_container(cfg.model.student.arch), tokenizer, seed=int(init.seed)),
+        tokenizer, build_datamodule(cfg, tokenizer, batch_size=int(init.batch_size)), max_steps=int(init.max_steps),
+        lr=float(init.lr), seed=int(init.seed), accelerator=cfg.trainer.accelerator, what="student init",
+        progress=bool(cfg.trainer.get("enable_progress_bar", True)))
 
 
 # -- losses, callbacks, loggers ---------------------------------------------------------------------------------
@@ -349,7 +387,41 @@ def check_epoch_length(cfg: DictConfig, n_train: int) -> None:
                     max_steps)
 
 
+def _final_evaluation(cfg: DictConfig, model, tokenizer, final_sets, results: dict) -> None:
+    sets, labels, skipped = final_sets
+    results["eval"] = evaluate_sets(model, tokenizer, sets, eval_settings(cfg), log=log.info)
+    results["eval"].update(labels=labels, skipped_rows=skipped)
+    results["table"] = markdown_table(results["eval"]["summary"], metrics=("rougeL", "distinct_1", "distinct_2",
+                                      "exact_match", "tokens_per_s"), set_order=list(sets), label_overrides=labels)
+
+
+def _write_results(run_dir: Path, results: dict, t_start: float) -> None:
+    results["wall_time_s"] = time.perf_counter() - t_start
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    if "table" in results:
+        (run_dir / "results.md").write_text(results["table"])
+
+
+EVAL_ONLY = ("teacher", "student_init")
+
+
+def evaluate_reference(cfg: DictConfig, run_dir: Path, tokenizer, dm, final_sets, t_start: float) -> dict:
+    """`eval_only=teacher|student_init`: evaluate the run's teacher, or the student as every method starts it,
+    with the final evaluation's settings, and write results.json like a trained run (a comparison's reference
+    rows)."""
+    which = cfg.eval_only
+    model = ensure_teacher(cfg, tokenizer, dm) if which == "teacher" else build_student(cfg, tokenizer)
+    results = {"name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir), "eval_only": which,
+               "data_stats": dm.stats}
+    _final_evaluation(cfg, model, tokenizer, final_sets, results)
+    if which == "student_init" and cfg.eval.get("exposure_bias"):
+        results["exposure"] = _exposure_bias(cfg, model, None, tokenizer, dm)
+    _write_results(run_dir, results, t_start)
+    return results
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    t_start = time.perf_counter()
     resolve_data_path(cfg)  # data.hub: no local copy -> fetched once into the cache
     validate(cfg)  # before anything loads
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -366,6 +438,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"data: {e}") from None
     check_epoch_length(cfg, len(dm.datasets["train"]))
     final_sets = eval_sets(dm, cfg) if cfg.eval.enabled else None  # a missing eval file fails before training
+    if cfg.get("eval_only"):
+        if cfg.eval_only not in EVAL_ONLY or not cfg.eval.enabled:
+            raise ConfigError(f"eval_only={cfg.eval_only}: choose one of {', '.join(EVAL_ONLY)} (with eval.enabled=true)")
+        return evaluate_reference(cfg, run_dir, tokenizer, dm, final_sets, t_start)
     distills = cfg.loss.distill_weight > 0 or cfg.loss.span_weight > 0
     teacher = ensure_teacher(cfg, tokenizer, dm) if distills else None
     seqkd_stats = None
@@ -426,18 +502,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         student.save_pretrained(run_dir / "student")
         tokenizer.save_pretrained(run_dir / "student")
         if cfg.eval.enabled:
-            settings = eval_settings(cfg)
-            sets, labels, skipped = final_sets
-            results["eval"] = evaluate_sets(student, tokenizer, sets, settings, log=log.info)
-            results["eval"].update(labels=labels, skipped_rows=skipped)
-            results["table"] = markdown_table(results["eval"]["summary"],
-                                              metrics=("rougeL", "distinct_1", "distinct_2", "exact_match",
-                                                       "tokens_per_s"), set_order=list(sets), label_overrides=labels)
+            _final_evaluation(cfg, student, tokenizer, final_sets, results)
             if cfg.eval.get("exposure_bias"):
                 results["exposure"] = _exposure_bias(cfg, student, teacher, tokenizer, dm)
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
-        if "table" in results:
-            (run_dir / "results.md").write_text(results["table"])
+        _write_results(run_dir, results, t_start)
         _log_summary(loggers, results)
     _finish_wandb(loggers)  # a sweep runs its jobs in one process: the next job must get a fresh W&B run
     return results

@@ -16,6 +16,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # A few steps of everything: tiny data, short teacher stage, one eval seed. ~20 s a run on 2 cores.
 TINY = [
     "data.n_train=64", "data.n_val=8", "data.n_test=8", "model.teacher_sft.max_steps=20",
+    "model.teacher_sft.n_train=128", "model.student_init.max_steps=5",
     "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "val_generate=4",
     "eval.seeds=[10]", "eval.limit=4", "eval.max_new_tokens=16", "scrg.sampling.max_new_tokens=16",
     "logger=csv", "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=2",

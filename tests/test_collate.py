@@ -78,12 +78,12 @@ def test_eval_record_without_reference_has_empty_response(tok):
 def test_encode_records_matches_encode_record(tok):
     recs = make_synthetic_splits(seed=1, n_train=30, n_val=5, n_test=5)["test"]
     recs = [{**r, "references": r["output"] if isinstance(r["output"], list) else [r["output"]]} for r in recs]
-    batched = encode_records(tok, recs, max_prompt_len=60, max_len=80, train=False)
-    single = [encode_record(tok, r, max_prompt_len=60, max_len=80, train=False) for r in recs]
+    batched = encode_records(tok, recs, max_prompt_len=25, max_len=45, train=False)
+    single = [encode_record(tok, r, max_prompt_len=25, max_len=45, train=False) for r in recs]
     assert batched == single
     kept = [f for f in batched if f is not None]
     assert 0 < len(kept) < len(batched)  # the limit bites on some prompts only
-    assert all(len(f["prompt_ids"]) <= 60 and len(f["prompt_ids"]) + len(f["response_ids"]) <= 80 for f in kept)
+    assert all(len(f["prompt_ids"]) <= 25 and len(f["prompt_ids"]) + len(f["response_ids"]) <= 45 for f in kept)
 
 
 def _feature(n_p: int, n_r: int, offset: int) -> dict:

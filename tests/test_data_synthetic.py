@@ -18,7 +18,7 @@ from mgsr.data.datamodule import (
     FeatureDataset,
     ResumableDataLoader,
 )
-from mgsr.data.prompt import build_prompt
+from mgsr.data.synthetic import build_prompt  # the synthetic task's short template
 from mgsr.data.synthetic import FAMILIES, make_synthetic_splits, synthetic_corpus
 from mgsr.data.tokenizer import build_tokenizer
 
@@ -216,3 +216,30 @@ def test_lightning_resume_is_exact(tmp_path, tok, limits, request):
         state = torch.load(tmp_path / path, weights_only=False)["loops"]["fit_loop"]["state_dict"]
         assert state["combined_loader"] == [{"epoch": (done - 1) // 5, "batches_yielded": (done - 1) % 5 + 1}]
         assert fit(_Recorder(len(tok)), ckpt_path=str(tmp_path / path)) == ref[done:], path
+
+
+def test_label_noise_corrupts_training_responses_only_and_is_a_prefix_property():
+    from mgsr.data.synthetic import add_label_noise
+
+    clean = make_synthetic_splits(3, 600, 50, 50)
+    noisy = make_synthetic_splits(3, 600, 50, 50, label_noise=0.3)
+    changed = [i for i, (a, b) in enumerate(zip(clean["train"], noisy["train"])) if a["output"] != b["output"]]
+    assert 0.2 * 600 < len(changed) < 0.35 * 600  # ~30%, minus draws whose donor said the same thing
+    assert all(noisy["train"][i].get("noisy") for i in changed)
+    assert [r["prompt"] for r in clean["train"]] == [r["prompt"] for r in noisy["train"]]
+    assert clean["val"] == noisy["val"] and clean["test"] == noisy["test"]
+    for i in changed:  # a fluent answer of the same family, taken from another record of the split
+        rec = noisy["train"][i]
+        assert any(r["output"] == rec["output"] and r["family"] == rec["family"]
+                   for j, r in enumerate(clean["train"]) if j != i)
+    longer = make_synthetic_splits(3, 900, 0, 0, label_noise=0.3)["train"][:600]
+    assert [r["output"] for r in longer] == [r["output"] for r in noisy["train"]]
+    with pytest.raises(ValueError, match="label_noise"):
+        add_label_noise(clean["train"], 1.0, 0)
+
+
+def test_datamodule_counts_noisy_training_rows(tok):
+    dm = DistillDataModule(tok, n_train=200, n_val=8, n_test=8, label_noise=0.3)
+    dm.setup("fit")
+    assert 30 < dm.stats["train"]["noisy_response_kept"] < 80
+    assert len(dm.datasets["train"]) == 200  # counted, not dropped

@@ -215,6 +215,7 @@ class DistillDataModule(lightning.LightningDataModule):
         num_workers: int = 0,
         max_train_records: int | None = None,
         max_eval_records: int | None = None,
+        label_noise: float = 0.0,
     ):
         super().__init__()
         if source not in ("synthetic", "jsonl"):
@@ -223,6 +224,9 @@ class DistillDataModule(lightning.LightningDataModule):
         self.source, self.path = source, path
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.seed, self.n = seed, {"train": n_train, "val": n_val, "test": n_test}
+        self.label_noise = float(label_noise or 0.0)
+        if self.label_noise and source != "synthetic":
+            raise ValueError("data.label_noise applies to the synthetic task only; set it to 0 for JSONL data")
         self.max_prompt_len, self.max_len = max_prompt_len, max_len
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_records = {"train": max_train_records, "val": max_eval_records, "test": max_eval_records}
@@ -245,9 +249,13 @@ class DistillDataModule(lightning.LightningDataModule):
             res = load_jsonl_records(self.split_path(split), max_records=limit)
             return res.records, Counter(res.skipped)
         if self._synthetic is None:
-            self._synthetic = make_synthetic_splits(self.seed, self.n["train"], self.n["val"], self.n["test"])
+            self._synthetic = make_synthetic_splits(self.seed, self.n["train"], self.n["val"], self.n["test"],
+                                                    label_noise=self.label_noise)
         rows = self._synthetic[split][:limit]
-        return [normalise_record(r)[0] for r in rows], Counter()
+        # not a dropped row: counted so results.json says how noisy the training data was
+        stats = Counter({"noisy_response_kept": sum(1 for r in rows if r.get("noisy"))}) if split == "train" \
+            and self.label_noise else Counter()
+        return [normalise_record(r)[0] for r in rows], stats
 
     def _setup_split(self, split: str) -> None:
         records, dropped = self._raw_records(split)
@@ -263,7 +271,10 @@ class DistillDataModule(lightning.LightningDataModule):
         self.records[split] = [r for r, _ in kept]
         self.datasets[split] = FeatureDataset([f for _, f in kept])
         self.stats[split] = dict(sorted(dropped.items()))
-        log.info("%s split: %d records (dropped %s)", split, len(kept), self.stats[split] or "none")
+        noisy = self.stats[split].get("noisy_response_kept")
+        log.info("%s split: %d records (dropped %s)%s", split, len(kept),
+                 {k: v for k, v in self.stats[split].items() if k != "noisy_response_kept"} or "none",
+                 f", {noisy} with a corrupted response (data.label_noise={self.label_noise})" if noisy else "")
 
     def setup(self, stage: str | None = None) -> None:
         for split in _STAGE_SPLITS.get(stage, SPLITS) if stage else SPLITS:

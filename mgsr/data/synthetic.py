@@ -20,7 +20,19 @@ import hashlib
 import random
 from collections.abc import Callable, Iterable, Iterator
 
-from mgsr.data.prompt import build_prompt
+# Part of every cache key built on this data: bump it whenever a change here changes any generated record.
+SYNTHETIC_VERSION = 2
+
+# The Alpaca template's section markers without its boilerplate sentence, which carries no information and
+# would be 38% of every sequence's tokens (so of the teacher's, the student's and every rollout's compute).
+SHORT_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+SHORT_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def build_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the record field's name
+    if input:
+        return SHORT_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return SHORT_PROMPT_NO_INPUT.format(instruction=instruction)
 
 # name: (plural, class, size, colour, habitat, food, can_fly, can_swim, legs)
 ANIMALS: dict[str, tuple] = {
@@ -424,11 +436,42 @@ def _make_split(split: str, n: int, seed: int) -> list[dict]:
     return records
 
 
-def make_synthetic_splits(seed: int = 0, n_train: int = 4000, n_val: int = 200, n_test: int = 200) -> dict[
-        str, list[dict]]:
+def add_label_noise(records: list[dict], rate: float, seed: int) -> int:
+    """Replace the response of a `rate` share of training records, in place, by the response of another record
+    of the same family (a fluent answer to a different question: the kind of error human-written instruction
+    data has). Prompts are unchanged. Returns how many responses changed; those records get `noisy: True`.
+
+    The draws come from their own seeded stream, so the records (and which of them are noisy) are a pure
+    function of (seed, rate), and the first n records of a longer split get the same noise as a split of n."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"data.label_noise must be in [0, 1), got {rate}")
+    if rate == 0.0:
+        return 0
+    rng = random.Random(f"mgsr-synthetic/{seed}/label-noise")
+    by_family: dict[str, list[int]] = {}
+    changed = 0
+    originals = [r["output"] for r in records]
+    for i, rec in enumerate(records):
+        pool = by_family.setdefault(rec["family"], [])
+        u, pick = rng.random(), rng.random()
+        if u < rate and pool:  # donors are earlier records: a prefix of the split is noised the same way
+            donor = originals[pool[int(pick * len(pool))]]
+            if donor != rec["output"]:
+                rec["output"], rec["noisy"] = donor, True
+                changed += 1
+        pool.append(i)
+    return changed
+
+
+def make_synthetic_splits(seed: int = 0, n_train: int = 4000, n_val: int = 200, n_test: int = 200, *,
+                          label_noise: float = 0.0) -> dict[str, list[dict]]:
     """Generate the train/val/test splits of the synthetic task: records with `instruction`, `input`,
-    `output` (str; a list of acceptable references for multi-answer val/test records), `prompt`, `family`."""
-    return {split: _make_split(split, n, seed) for split, n in (("train", n_train), ("val", n_val), ("test", n_test))}
+    `output` (str; a list of acceptable references for multi-answer val/test records), `prompt`, `family`.
+    `label_noise` corrupts that share of the training responses (`add_label_noise`); val/test stay clean."""
+    splits = {split: _make_split(split, n, seed) for split, n in (("train", n_train), ("val", n_val),
+                                                                  ("test", n_test))}
+    add_label_noise(splits["train"], label_noise, seed)
+    return splits
 
 
 def synthetic_corpus(records: Iterable[dict]) -> Iterator[str]:

@@ -1,0 +1,314 @@
+"""The method comparison: methods x training seeds, one `train.py` run per cell, and a report that says how
+sure it is.
+
+    python compare.py                       # conf/compare/paper.yaml: every method, 3 seeds
+    python compare.py compare=quick         # a smoke run
+    python compare.py seeds=[0,1,2,3,4] out_dir=results/compare5
+
+Each cell is `python train.py <method overrides> seed=S hydra.run.dir=<out>/runs/<method>/seed<S> ckpt_path=last`
+run in a subprocess, seed by seed (so a half-finished comparison already has complete pairs). A cell whose
+`results.json` exists is not run again, and a killed cell resumes from its own `last.ckpt`: the command is
+resumable as a whole.
+
+Statistics (`report_stats`): a cell's score is its test ROUGE-L averaged over the evaluation seeds; a method's
+row is the mean over training seeds with a 95% t-interval (n - 1 degrees of freedom); a paired difference
+A - B uses the seeds both have, d_s = A_s - B_s, mean(d) ± t * sd(d) / sqrt(n). A difference whose interval
+excludes 0 is marked; otherwise the report says "no measurable difference".
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("mgsr.compare")
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC = ("Average", "rougeL")  # the cell score: results["eval"]["summary"]["Average"]["rougeL"][0]
+
+
+# -- statistics --------------------------------------------------------------------------------------------------
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """Two-sided Student-t critical value: P(|T_df| <= q) = level."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, df))
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    half: float   # half-width of the 95% interval (nan with one value)
+    n: int
+
+    @property
+    def lo(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def hi(self) -> float:
+        return self.mean + self.half
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.n >= 2 and math.isfinite(self.half) and (self.lo > 0 or self.hi < 0)
+
+
+def t_interval(values, level: float = 0.95) -> Interval:
+    """Mean and t-interval half-width of `values` (sample std, n - 1 degrees of freedom)."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        raise ValueError("t_interval needs at least one value")
+    mean = sum(vals) / n
+    if n == 1:
+        return Interval(mean, math.nan, 1)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    return Interval(mean, t_quantile(n - 1, level) * sd / math.sqrt(n), n)
+
+
+def paired_difference(a: dict, b: dict, level: float = 0.95) -> Interval | None:
+    """A - B over the seeds both have (dicts seed -> score); None with no common seed."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    return t_interval([a[s] - b[s] for s in common], level)
+
+
+# -- the cells ---------------------------------------------------------------------------------------------------
+@dataclass
+class Spec:
+    name: str
+    methods: dict                 # label -> list of train.py overrides
+    seeds: list
+    overrides: list = field(default_factory=list)   # applied to every cell
+    baselines: list = field(default_factory=lambda: ["kd", "sft"])   # paired differences against these
+
+    def cell_dir(self, out: Path, method: str, seed) -> Path:
+        return out / "runs" / method.replace("/", "_") / f"seed{seed}"
+
+    def command(self, out: Path, method: str, seed) -> list[str]:
+        return [sys.executable, "train.py", *self.methods[method], f"seed={seed}",
+                f"hydra.run.dir={self.cell_dir(out, method, seed)}", "ckpt_path=last", *self.overrides]
+
+    def config_hash(self) -> str:
+        blob = json.dumps({"methods": self.methods, "seeds": self.seeds, "overrides": self.overrides}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def run_cells(spec: Spec, out: Path, *, runner=subprocess.run, env=None) -> dict:
+    """Run every missing cell, seed-major. Returns {"ran": [...], "skipped": [...], "failed": [...]}."""
+    done = {"ran": [], "skipped": [], "failed": []}
+    for seed in spec.seeds:
+        for method in spec.methods:
+            d = spec.cell_dir(out, method, seed)
+            if (d / "results.json").is_file():
+                done["skipped"].append((method, seed))
+                continue
+            d.mkdir(parents=True, exist_ok=True)
+            cmd = spec.command(out, method, seed)
+            log.info("compare: %s seed %s: %s", method, seed, " ".join(cmd[1:]))
+            t0 = time.perf_counter()
+            with open(d / "compare.log", "a") as fh:
+                rc = runner(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+            _add_wall_time(d, time.perf_counter() - t0)
+            if rc == 0 and (d / "results.json").is_file():
+                done["ran"].append((method, seed))
+            else:
+                log.warning("compare: %s seed %s failed (rc %s); see %s", method, seed, rc, d / "compare.log")
+                done["failed"].append((method, seed))
+    return done
+
+
+def _add_wall_time(cell: Path, seconds: float) -> None:
+    """Wall time of a cell's process(es), summed over resumed attempts (start-up and evaluation included)."""
+    p = cell / "wall_time_s"
+    p.write_text(str((float(p.read_text()) if p.is_file() else 0.0) + seconds))
+
+
+def wall_time(spec: Spec, out: Path) -> float:
+    total = 0.0
+    for method in spec.methods:
+        for seed in spec.seeds:
+            p = spec.cell_dir(out, method, seed) / "wall_time_s"
+            total += float(p.read_text()) if p.is_file() else 0.0
+    return total
+
+
+def cell_score(results: dict) -> float | None:
+    cell = results.get("eval", {}).get("summary", {}).get(METRIC[0], {}).get(METRIC[1])
+    return float(cell[0]) if isinstance(cell, (list, tuple)) else None
+
+
+def collect(spec: Spec, out: Path) -> dict:
+    """method -> {seed: results.json} for the cells that finished."""
+    found = {}
+    for method in spec.methods:
+        for seed in spec.seeds:
+            p = spec.cell_dir(out, method, seed) / "results.json"
+            if p.is_file():
+                found.setdefault(method, {})[seed] = json.loads(p.read_text())
+    return found
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+EXTRA = (  # (column, how to read it from a results.json)
+    ("Distinct-2", lambda r: ((r.get("eval", {}).get("summary", {}).get("Average") or {}).get("distinct_2") or [None])[0]),
+    ("ExAccErr@15 (%)", lambda r: (r.get("exposure") or {}).get("exacc_err")),
+    ("s/step", lambda r: (r.get("train_cost") or {}).get("s_per_step")),
+)
+
+
+def report_stats(spec: Spec, found: dict) -> dict:
+    """Per method: scores by seed, the 95% interval, and the paired differences to each baseline."""
+    scores = {m: {s: cell_score(r) for s, r in runs.items() if cell_score(r) is not None} for m, runs in found.items()}
+    rows = {}
+    for m in spec.methods:
+        sc = scores.get(m) or {}
+        row = {"scores": sc, "interval": t_interval(list(sc.values())) if sc else None, "diff": {}, "extra": {}}
+        for b in spec.baselines:
+            if b != m and scores.get(b):
+                row["diff"][b] = paired_difference(sc, scores[b]) if sc else None
+        for col, read in EXTRA:
+            vals = [v for v in (read(r) for r in (found.get(m) or {}).values()) if v is not None]
+            row["extra"][col] = sum(vals) / len(vals) if vals else None
+        rows[m] = row
+    return rows
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+            + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"))
+
+
+def _fmt_interval(iv: Interval | None) -> str:
+    if iv is None:
+        return "—"
+    if iv.n < 2:
+        return f"{iv.mean:.2f} (1 seed)"
+    return f"{iv.mean:.2f} ± {iv.half:.2f}"
+
+
+def _fmt_diff(iv: Interval | None) -> str:
+    if iv is None:
+        return "—"
+    if iv.n < 2:
+        return f"{iv.mean:+.2f} (1 pair)"
+    mark = " **\\***" if iv.excludes_zero else ""
+    return f"{iv.mean:+.2f} [{iv.lo:+.2f}, {iv.hi:+.2f}]{mark}"
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def to_markdown(spec: Spec, rows: dict, *, stamp: dict, notes: str = "") -> str:
+    diffs = [b for b in spec.baselines if any(b in r["diff"] for r in rows.values())]
+    head = ["method", "seeds", "ROUGE-L (95% CI)"] + [f"− {b} (paired, 95% CI)" for b in diffs] + [c for c, _ in EXTRA]
+    lines = [f"# Comparison `{spec.name}`", "",
+             f"commit `{stamp['commit']}` · config `{stamp['config_hash']}` · {stamp['machine']} · "
+             f"wall time {stamp['wall_time']} · {stamp['date']}", "",
+             "Test ROUGE-L: each cell averaged over the evaluation seeds, then mean ± 95% t-interval half-width "
+             "over training seeds. Paired differences use the seeds both methods have; **\\*** marks an interval "
+             "that excludes 0 (any other difference is no measurable difference).", "",
+             "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for m, r in rows.items():
+        cells = [m, str(len(r["scores"])), _fmt_interval(r["interval"])]
+        cells += [_fmt_diff(r["diff"].get(b)) if b != m else "" for b in diffs]
+        cells += [_fmt(r["extra"][c]) for c, _ in EXTRA]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per-seed scores:", "", "| method | " + " | ".join(f"seed {s}" for s in spec.seeds) + " |",
+              "| --- |" + " --- |" * len(spec.seeds)]
+    for m, r in rows.items():
+        lines.append(f"| {m} | " + " | ".join(f"{r['scores'][s]:.2f}" if s in r["scores"] else "—"
+                                             for s in spec.seeds) + " |")
+    lines += ["", "Methods (train.py overrides):", ""]
+    lines += [f"- `{m}`: `{' '.join(o) or '(defaults)'}`" for m, o in spec.methods.items()]
+    if spec.overrides:
+        lines += ["", f"Every cell also: `{' '.join(spec.overrides)}`"]
+    if notes:
+        lines += ["", notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(spec: Spec, rows: dict, path: Path) -> None:
+    diffs = spec.baselines
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "n_seeds", "rougeL_mean", "rougeL_ci95_half"]
+                   + [f"diff_{b}_{k}" for b in diffs for k in ("mean", "lo", "hi", "excludes_zero")]
+                   + [f"seed_{s}" for s in spec.seeds] + [c for c, _ in EXTRA])
+        for m, r in rows.items():
+            iv = r["interval"]
+            row = [m, len(r["scores"]), "" if iv is None else iv.mean, "" if iv is None else iv.half]
+            for b in diffs:
+                d = r["diff"].get(b)
+                row += ["", "", "", ""] if d is None else [d.mean, d.lo, d.hi, d.excludes_zero]
+            row += [r["scores"].get(s, "") for s in spec.seeds]
+            row += ["" if r["extra"][c] is None else r["extra"][c] for c, _ in EXTRA]
+            w.writerow(row)
+
+
+def bar_chart(spec: Spec, rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in rows if rows[m]["interval"] is not None]
+    means = [rows[m]["interval"].mean for m in names]
+    errs = [0.0 if not math.isfinite(rows[m]["interval"].half) else rows[m]["interval"].half for m in names]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(names) + 1.5), 3.6))
+    ax.bar(range(len(names)), means, yerr=errs, capsize=4, color="#4C72B0")
+    for i, m in enumerate(names):  # the seeds themselves, so a reader sees the spread behind each bar
+        ys = list(rows[m]["scores"].values())
+        ax.plot([i] * len(ys), ys, "k.", ms=4)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test ROUGE-L (mean, 95% CI)")
+    lo = min(min(rows[m]["scores"].values()) for m in names) if names else 0
+    ax.set_ylim(max(0.0, lo - 5), None)
+    ax.set_title(f"{spec.name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(spec: Spec, out: Path, *, wall_time_s: float | None = None, notes: str = "") -> dict:
+    found = collect(spec, out)
+    rows = report_stats(spec, found)
+    if wall_time_s is None:  # the cells' processes, summed (what the comparison cost on this machine)
+        wall_time_s = wall_time(spec, out)
+    stamp = {"commit": git_commit(), "config_hash": spec.config_hash(), "machine": machine(),
+             "wall_time": f"{wall_time_s / 60:.1f} min", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    md = to_markdown(spec, rows, stamp=stamp, notes=notes)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
+    paths["md"].write_text(md)
+    write_csv(spec, rows, paths["csv"])
+    bar_chart(spec, rows, paths["png"])
+    (out / "stamp.json").write_text(json.dumps(stamp, indent=2))
+    return {"markdown": md, "rows": rows, "paths": paths, "stamp": stamp}

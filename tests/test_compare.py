@@ -1,0 +1,145 @@
+"""compare.py / mgsr.compare: the interval arithmetic against hand-computed values, resume (a finished cell is
+not run again), the report's columns, and one real two-cell comparison through the entry point."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from mgsr.compare import Spec, paired_difference, run_cells, t_interval, t_quantile, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_t_quantile_matches_the_table():
+    # two-sided 95% critical values of Student's t (any statistics textbook's table)
+    for df, q in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert t_quantile(df) == pytest.approx(q, abs=1e-3)
+
+
+def test_t_interval_by_hand():
+    iv = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.302653
+    assert iv.mean == pytest.approx(2.0)
+    assert iv.half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert not t_interval([-1.0, 1.0, 0.5]).excludes_zero
+
+
+def test_t_interval_excludes_zero_only_when_it_does():
+    assert t_interval([1.0, 2.0, 3.0]).lo == pytest.approx(2.0 - 2.484138, abs=1e-5)
+    assert not t_interval([1.0, 2.0, 3.0]).excludes_zero  # lo = -0.484
+    assert t_interval([2.0, 2.5, 3.0]).excludes_zero       # mean 2.5, half 1.242
+    one = t_interval([5.0])
+    assert one.n == 1 and math.isnan(one.half) and not one.excludes_zero
+
+
+def test_paired_difference_uses_common_seeds_only():
+    a = {0: 3.0, 1: 5.0, 2: 4.0}
+    b = {0: 1.0, 1: 2.0, 2: 2.0, 3: 9.0}  # seed 3 has no partner
+    d = paired_difference(a, b)  # differences 2, 3, 2: mean 7/3, sd sqrt(1/3)
+    assert d.n == 3
+    assert d.mean == pytest.approx(7 / 3)
+    assert d.half == pytest.approx(4.302653 * math.sqrt(1 / 3) / math.sqrt(3), rel=1e-6)
+    assert d.lo == pytest.approx(7 / 3 - 1.434218, abs=1e-5) and d.excludes_zero
+    assert paired_difference(a, {7: 1.0}) is None
+    # pairing removes the seed effect an unpaired comparison would carry
+    shifted = {s: v + 0.1 for s, v in a.items()}
+    assert paired_difference(shifted, a).half == pytest.approx(0.0, abs=1e-12)
+
+
+def _results(score: float, seed: int, name: str) -> dict:
+    return {"name": name, "seed": seed, "eval": {"summary": {"test": {"rougeL": [score, 0.5]},
+                                                             "Average": {"rougeL": [score, 0.5],
+                                                                         "distinct_2": [0.6, 0.01]}}},
+            "train_cost": {"s_per_step": 0.1}, "exposure": {"exacc_err": 12.0}}
+
+
+def _spec(seeds=(0, 1, 2)) -> Spec:
+    return Spec(name="t", methods={"sft": ["+experiment=baseline_sft"], "kd": ["+experiment=baseline_kd"],
+                                   "mgsr": ["+experiment=mgsr"]}, seeds=list(seeds), overrides=["logger=csv"])
+
+
+SCORES = {"sft": (30.0, 31.0, 32.0), "kd": (33.0, 34.5, 35.0), "mgsr": (33.5, 34.0, 36.0)}
+
+
+def _fake_runner(calls):
+    """Stands in for subprocess.run: records the command and writes the cell's results.json."""
+    def run(cmd, cwd, stdout, stderr, env):
+        calls.append(cmd)
+        method = next(m for m, o in _spec().methods.items() if cmd[2:2 + len(o)] == o)
+        seed = int(next(a for a in cmd if a.startswith("seed=")).split("=")[1])
+        run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+        (run_dir / "results.json").write_text(json.dumps(_results(SCORES[method][seed], seed, method)))
+        return types.SimpleNamespace(returncode=0)
+    return run
+
+
+def test_cells_run_seed_major_and_finished_cells_are_skipped(tmp_path):
+    spec, calls = _spec(), []
+    done = run_cells(spec, tmp_path, runner=_fake_runner(calls))
+    assert len(done["ran"]) == 9 and not done["skipped"] and not done["failed"]
+    assert [c[-len(spec.overrides) - 3] for c in calls[:3]] == ["seed=0"] * 3  # all methods of seed 0 first
+    assert all("ckpt_path=last" in c for c in calls)  # a killed cell resumes from its own last.ckpt
+    again = []
+    done = run_cells(spec, tmp_path, runner=_fake_runner(again))
+    assert not again and len(done["skipped"]) == 9
+    (spec.cell_dir(tmp_path, "kd", 1) / "results.json").unlink()  # e.g. killed before it finished
+    done = run_cells(spec, tmp_path, runner=_fake_runner(again))
+    assert len(again) == 1 and done["ran"] == [("kd", 1)]
+
+
+def test_a_failed_cell_is_reported_and_left_out(tmp_path):
+    spec = _spec(seeds=(0,))
+    done = run_cells(spec, tmp_path, runner=lambda *a, **k: types.SimpleNamespace(returncode=1))
+    assert len(done["failed"]) == 3 and not done["ran"]
+
+
+def test_report_columns_intervals_and_marks(tmp_path):
+    spec = _spec()
+    run_cells(spec, tmp_path, runner=_fake_runner([]))
+    res = write_report(spec, tmp_path)
+    md = res["markdown"]
+    assert "| method | seeds | ROUGE-L (95% CI) | − kd (paired, 95% CI) | − sft (paired, 95% CI) |" in md
+    assert "commit `" in md and "config `" in md and "CPUs" in md and "wall time" in md
+    rows = {}
+    for line in md.splitlines():  # the first table's rows (the per-seed table repeats the method names)
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
+    # kd - sft: differences 3, 3.5, 3 -> mean 3.167, excludes 0; mgsr - kd: 0.5, -0.5, 1 -> includes 0
+    assert "+3.17 [" in rows["kd"] and "**\\***" in rows["kd"]
+    mgsr_vs_kd = rows["mgsr"].split(" | ")[3]
+    assert mgsr_vs_kd.startswith("+0.33 [") and "*" not in mgsr_vs_kd
+    with open(res["paths"]["csv"]) as fh:
+        table = {r["method"]: r for r in csv.DictReader(fh)}
+    assert set(table) == {"sft", "kd", "mgsr"}
+    assert float(table["kd"]["diff_sft_mean"]) == pytest.approx(19 / 6)
+    assert table["kd"]["diff_sft_excludes_zero"] == "True" and table["mgsr"]["diff_kd_excludes_zero"] == "False"
+    assert float(table["sft"]["rougeL_ci95_half"]) == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert res["paths"]["png"].stat().st_size > 1000
+    assert json.loads((tmp_path / "stamp.json").read_text())["config_hash"] == spec.config_hash()
+
+
+def test_config_hash_tracks_what_the_cells_run():
+    a, b = _spec(), _spec()
+    b.overrides = ["logger=csv", "trainer.max_steps=10"]
+    assert a.config_hash() == _spec().config_hash() != b.config_hash()
+
+
+@pytest.mark.slow
+def test_compare_entry_point_quick_preset(tmp_path, cache_dir):
+    """The real command: two methods x two seeds of train.py, then the report; a second call runs nothing."""
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "compare.py", "compare=quick", f"out_dir={out}", f'overrides=["cache_dir={cache_dir}"]']
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "| kd | 2 |" in (out / "report.md").read_text()
+    for m in ("sft", "kd"):
+        for s in (0, 1):
+            res = json.loads((out / "runs" / m / f"seed{s}" / "results.json").read_text())
+            assert res["name"] == m and res["seed"] == s
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "ran 0 cells, skipped 4 finished" in second.stderr + second.stdout
