@@ -219,20 +219,27 @@ def ensure_teacher(cfg: DictConfig, tokenizer, dm: DistillDataModule):
             teacher = merge_lora(teacher, spec.lora_path)
         return freeze(trim_vocab(teacher, len(tokenizer)))
     sft = to_container(cfg.model.teacher_sft)
-    n_corpus = _teacher_corpus_size(cfg)
-    key = _hash({"arch": to_container(spec.arch), "sft": sft,
-                 "data": data_identity(cfg, n_corpus, float(sft.get("label_noise") or 0.0)),
-                 "tok": tokenizer_digest(tokenizer)})
     overrides = {"batch_size": sft["batch_size"]}
     if cfg.data.source != "jsonl":  # the teacher's own corpus: longer, and as clean as teacher_sft says
-        overrides |= {"n_train": n_corpus or cfg.data.n_train, "label_noise": float(sft.get("label_noise") or 0.0)}
+        overrides |= {"n_train": _teacher_corpus_size(cfg) or cfg.data.n_train,
+                      "label_noise": float(sft.get("label_noise") or 0.0)}
     path = fine_tune_cached(
-        Path(cfg.cache_dir) / f"teacher-{key}", lambda: build_from_config(to_container(spec.arch), tokenizer,
+        teacher_cache_path(cfg, tokenizer), lambda: build_from_config(to_container(spec.arch), tokenizer,
                                                                           seed=sft["seed"]),
         tokenizer, build_datamodule(cfg, tokenizer, **overrides), max_steps=sft["max_steps"], lr=sft["lr"],
         seed=sft["seed"], accelerator=cfg.trainer.accelerator, what="teacher",
         progress=bool(cfg.trainer.get("enable_progress_bar", True)))
     return freeze(load_model(str(path), dtype=spec.dtype))
+
+
+def teacher_cache_path(cfg: DictConfig, tokenizer) -> Path:
+    """Where the fine-tuned tiny teacher lives: keyed on its architecture, its SFT settings, the identity of its
+    corpus and the tokenizer, and on nothing else (not the run's batch size, workers or the student's split)."""
+    sft = to_container(cfg.model.teacher_sft)
+    data = data_identity(cfg, _teacher_corpus_size(cfg), float(sft.get("label_noise") or 0.0))
+    key = _hash({"arch": to_container(cfg.model.teacher.arch), "sft": sft, "data": data,
+                 "tok": tokenizer_digest(tokenizer)})
+    return Path(cfg.cache_dir) / f"teacher-{key}"
 
 
 def student_init_enabled(cfg: DictConfig) -> bool:

@@ -112,7 +112,7 @@ def test_datamodule_jsonl_source_counts_drops(tmp_path, tok):
     _write(tmp_path / "train.jsonl", [json.dumps(short)] * 3 + [json.dumps(long_), "{broken"])
     _write(tmp_path / "val.jsonl", [json.dumps(short)])
     dm = DistillDataModule(tok, source="jsonl", path=str(tmp_path), train_file="train.jsonl",
-                           val_file="val.jsonl", max_prompt_len=64, batch_size=2)
+                           val_file="val.jsonl", max_prompt_len=100, batch_size=2)
     dm.setup("fit")
     assert dm.stats["train"] == {"invalid_json": 1, "prompt_too_long": 1}
     assert dm.stats["val"] == {}
