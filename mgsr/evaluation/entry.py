@@ -69,12 +69,17 @@ def resolve_model(cfg: DictConfig):
 
 
 def settings_from(cfg: DictConfig) -> EvalSettings:
+    from mgsr.evaluation.metrics import EXACT_MATCH_NORMALIZATIONS
+
     if int(cfg.max_new_tokens) <= 0:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens}: must be > 0")
+    em = cfg.get("exact_match", "minillm")
+    if em not in EXACT_MATCH_NORMALIZATIONS:
+        raise ConfigError(f"exact_match={em!r}: choose one of {', '.join(EXACT_MATCH_NORMALIZATIONS)}")
     return EvalSettings(seeds=tuple(cfg.seeds), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                         no_repeat_ngram_size=cfg.no_repeat_ngram_size, max_prompt_len=cfg.max_prompt_len,
-                        limit=cfg.limit)
+                        limit=cfg.limit, exact_match=em)
 
 
 def evaluate_from_config(cfg: DictConfig, out_dir: Path, log=print) -> dict:

@@ -28,6 +28,7 @@ class EvalSettings:
     no_repeat_ngram_size: int = 6
     max_prompt_len: int = 256
     limit: int | None = None
+    exact_match: str = "minillm"   # normalisation: minillm (keeps articles) | squad (drops a/an/the)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -69,8 +70,9 @@ def generate_responses(model, tokenizer, prompt_ids: list[torch.Tensor], samplin
     return texts, n_tokens
 
 
-def score(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    return {"rougeL": rouge_l(predictions, references), "exact_match": exact_match(predictions, references),
+def score(predictions: list[str], references: list[list[str]], *, em_style: str = "minillm") -> dict[str, float]:
+    return {"rougeL": rouge_l(predictions, references),
+            "exact_match": exact_match(predictions, references, style=em_style),
             "distinct_1": distinct_n(predictions, 1), "distinct_2": distinct_n(predictions, 2)}
 
 
@@ -92,7 +94,7 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], settings: EvalS
             preds, n_tok = generate_responses(model, tokenizer, prompt_ids, sampling, seed=seed,
                                               batch_size=settings.batch_size)
             dt = time.perf_counter() - t0
-            per_seed[name][seed] = {**score(preds, refs), "tokens_per_s": n_tok / max(dt, 1e-9)}
+            per_seed[name][seed] = {**score(preds, refs, em_style=settings.exact_match), "tokens_per_s": n_tok / max(dt, 1e-9)}
             if seed == settings.seeds[0]:
                 samples[name] = [{"prompt": records[i]["prompt"], "prediction": p, "references": r}
                                  for i, p, r in list(zip(kept, preds, refs))[:20]]
