@@ -6,8 +6,6 @@
 Writes results.json and results.md (mean ± std over seeds, per set and Average) to the run directory.
 """
 
-import json
-import logging
 import sys
 from pathlib import Path
 
@@ -16,8 +14,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mgsr.config import ConfigError
-
-log = logging.getLogger("mgsr")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -33,7 +29,6 @@ def main(cfg: DictConfig) -> None:
     print(f"\n{cfg.model_path} — mean ± std over seeds {list(cfg.seeds)}\n")
     print(results["table"])
     print(f"results: {out_dir / 'results.json'}")
-    json.dumps(results, default=float)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
     python train.py -m +experiment=ablation_loss_weights   # a sweep; then python -m mgsr.report multirun/...
 """
 
-import logging
 import sys
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mgsr.config import ConfigError
-
-log = logging.getLogger("mgsr")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

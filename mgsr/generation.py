@@ -36,10 +36,13 @@ class SamplingConfig:
     top_p: float = 1.0
     no_repeat_ngram_size: int = 0
     greedy: bool = False
+    max_length: int | None = None  # `generate` only: also cap prompt (its own tokens) + response per row
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length must be > 0, got {self.max_length}")
         if self.temperature <= 0 and not self.greedy:
             raise ValueError(f"temperature must be > 0 (or set greedy: true), got {self.temperature}")
 
@@ -128,6 +131,8 @@ def generate(model, prompt_ids, prompt_mask, cfg: SamplingConfig, *, eos_id: int
     pos = position_ids(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
     budget = torch.full((prompt_ids.shape[0],), cfg.max_new_tokens, device=prompt_ids.device)
+    if cfg.max_length is not None:
+        budget = torch.minimum(budget, cfg.max_length - prompt_mask.sum(-1))
     resp, valid = _decode(
         model, out.logits[:, -1], out.past_key_values, prompt_ids, prompt_mask, pos[:, -1] + 1,
         budget, cfg, eos_id, pad_id, generator,

@@ -37,6 +37,101 @@ def _batch_to(seqs: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in seqs.items()}
 
 
+_CPU_STATE_BYTES = torch.Generator().get_state().numel()
+
+
+def _device_key(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+class DeviceGenerators:
+    """The module's sampling generators, one per device, each seeded with `seed` on its first use there.
+
+    A generator's state only fits a generator of its own device type (a CUDA state is 16 bytes, a CPU one
+    5056), so moving the module between devices switches generators instead of converting one: each device's
+    stream continues where it was. `state_dict` holds every device's state; after `load_state_dict` each is
+    restored when that device is next used (the module may be moved after loading).
+    `factory(device)` builds a generator (tests pass one to fake a device move on CPU).
+    """
+
+    def __init__(self, seed: int, factory=torch.Generator):
+        self.seed, self.factory = seed, factory
+        self._gens: dict[str, torch.Generator] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def get(self, device) -> torch.Generator:
+        key = _device_key(device)
+        gen = self._gens.get(key)
+        if gen is None:
+            gen = self.factory(torch.device(key))
+            gen.manual_seed(self.seed)
+            if key in self._pending:
+                gen.set_state(self._pending.pop(key))
+            self._gens[key] = gen
+        return gen
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self._pending, **{k: g.get_state() for k, g in self._gens.items()}}
+
+    def load_state_dict(self, states) -> None:
+        if torch.is_tensor(states):  # checkpoints before per-device generators: one state, device by its size
+            states = {"cpu" if states.numel() == _CPU_STATE_BYTES else "cuda:0": states}
+        self._gens, self._pending = {}, dict(states)
+
+
+class StepRngStream:
+    """The training steps' own RNG stream (torch CPU, python `random`, numpy), owned by the module.
+
+    Dropout and other library code draw from the global generators, so during a step (`enter` .. `exit`)
+    the stream is installed there; after it the caller's states are put back. Whatever runs between steps
+    (validation, a DataLoader iterator drawing its seed) then neither moves the training stream nor is moved
+    by it, and a run resumed from a step checkpoint draws exactly what the uninterrupted run drew. The first
+    step starts from the global states as they are (after `seed_everything`).
+    """
+
+    def __init__(self):
+        self.state = None      # (torch, python, numpy) states after the last step; None before the first
+        self._outside = None   # the caller's states while a step runs
+
+    @staticmethod
+    def _capture():
+        return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+    @staticmethod
+    def _install(state):
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])
+
+    def enter(self) -> None:
+        self._outside = self._capture()
+        if self.state is not None:
+            self._install(self.state)
+
+    def exit(self) -> None:
+        self.state = self._capture()
+        if self._outside is not None:
+            self._install(self._outside)
+            self._outside = None
+
+    def current(self):
+        """The stream's state now: the live global states inside a step, the saved ones between steps."""
+        return self._capture() if self._outside is not None or self.state is None else self.state
+
+    def state_dict(self) -> dict:
+        # numpy's state goes in as a tensor so the checkpoint loads with torch.load(weights_only=True)
+        t, py, (kind, keys, pos, has_gauss, cached) = self.current()
+        return {"torch": t, "python": py, "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     cached]}
+
+    def load_state_dict(self, state: dict) -> None:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        self.state = (state["torch"], state["python"], (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
 class DistillModule(L.LightningModule):
     def __init__(self, student, tokenizer, *, teacher=None, sft_weight: float = 1.0, distill=None,
                  distill_weight: float = 1.0, span=None, span_weight: float = 1.0, scrg: ScrgConfig | None = None,
@@ -61,10 +156,10 @@ class DistillModule(L.LightningModule):
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.distill_sequences = None
         self.timing = defaultdict(float)
-        self.sample_gen = torch.Generator().manual_seed(seed)
+        self.sample_gens = DeviceGenerators(seed)  # rollouts / SCRG sampling, one generator per device
+        self.train_rng = StepRngStream()  # what the training steps draw (dropout): see StepRngStream
         self._val_scores: list[float] = []
         self.scrg_history = defaultdict(list)  # per-revision SCRG summaries, averaged into results.json
-        self._train_rng = None  # global RNG states at the end of the last training step (see on_train_batch_start)
 
     # -- keep the teacher frozen whatever Lightning does to the train/eval mode ----------------------------
     def train(self, mode: bool = True):
@@ -73,16 +168,17 @@ class DistillModule(L.LightningModule):
             self.teacher.eval()
         return self
 
+    @property
+    def sample_gen(self) -> torch.Generator:
+        """The sampling generator of the device the module is on now."""
+        return self.sample_gens.get(self.device)
+
     # -- distillation sequences -----------------------------------------------------------------------------
     @torch.no_grad()
     def make_student_sequences(self, batch: dict) -> dict:
         """Student rollouts on the batch's prompts, revised by `scrg.rounds` SCRG rounds."""
         was_training = self.student.training
         self.student.eval()
-        if self.sample_gen.device != self.device:
-            state = self.sample_gen.get_state()
-            self.sample_gen = torch.Generator(self.device)
-            self.sample_gen.set_state(state) if self.device.type == "cpu" else self.sample_gen.manual_seed(self.seed)
         stats = RevisionStats()
         try:
             with gathered_for_generation(self):  # FSDP / ZeRO-3: outside forward, parameters are sharded
@@ -199,17 +295,12 @@ class DistillModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # -- the training steps form one RNG stream: what runs between them (validation, a DataLoader iterator
-    # being created, which draws a seed from the global generator) does not move it. So a run resumed from a
-    # step checkpoint (whose fresh iterator draws where the uninterrupted run's did not) draws exactly the same.
+    # -- the training steps draw from their own stream (StepRngStream), so resuming from a step checkpoint is exact
     def on_train_batch_start(self, batch, batch_idx):
-        if self._train_rng is not None:
-            torch.set_rng_state(self._train_rng[0])
-            random.setstate(self._train_rng[1])
-            np.random.set_state(self._train_rng[2])
+        self.train_rng.enter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self._train_rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+        self.train_rng.exit()
 
     # -- checkpoints: no teacher weights (reloaded from their source), RNG states for exact resume -----------
     def on_save_checkpoint(self, checkpoint):
@@ -217,11 +308,7 @@ class DistillModule(L.LightningModule):
         for k in [k for k in sd if k.startswith("teacher.")]:
             del sd[k]
         checkpoint["student_config"] = self.student.config.to_dict()
-        # numpy's state goes in as a tensor so the checkpoint loads with torch.load(weights_only=True)
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-                             "sample_gen": self.sample_gen.get_state()}
+        checkpoint["rng"] = {**self.train_rng.state_dict(), "sample_gens": self.sample_gens.state_dict()}
         checkpoint["scrg_history"] = {k: list(v) for k, v in self.scrg_history.items()}  # results.json averages
 
     def on_load_checkpoint(self, checkpoint):
@@ -231,10 +318,5 @@ class DistillModule(L.LightningModule):
             self.scrg_history = defaultdict(list, {k: list(v) for k, v in checkpoint["scrg_history"].items()})
         rng = checkpoint.get("rng")
         if rng:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            kind, keys, pos, has_gauss, cached = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-            self.sample_gen = torch.Generator().manual_seed(0)
-            self.sample_gen.set_state(rng["sample_gen"])
-            self._train_rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+            self.train_rng.load_state_dict(rng)
+            self.sample_gens.load_state_dict(rng["sample_gens"] if "sample_gens" in rng else rng["sample_gen"])

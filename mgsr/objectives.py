@@ -36,7 +36,6 @@ class DacKl(nn.Module):
             raise ValueError("loss.distill: band=off with target_class=false keeps no class; enable one of them")
         if beta < 0:
             raise ValueError(f"loss.distill.beta must be >= 0, got {beta}")
-        self.head_kind = head
         self.head = (QuantileHead(top_k=top_k, hidden=hidden, lower_range=tuple(lower_range),
                                   upper_range=tuple(upper_range))
                      if head == "learnable" else FixedQuantileHead(lower, upper))

@@ -466,12 +466,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         callbacks.append(build_sequence_callback(cfg, seed=cfg.seed))  # ScrgCallback, or scheduled (baselines)
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks, loggers, module=module)
-    ckpt = cfg.ckpt_path
-    if ckpt == "last":
-        ckpt = str(run_dir / "checkpoints" / "last.ckpt")
-        if not Path(ckpt).is_file():  # auto-resume of a job that never reached its first checkpoint
-            log.warning("ckpt_path=last: no %s yet; starting from scratch", ckpt)
-            ckpt = None
+    ckpt = resume_checkpoint(cfg.ckpt_path, run_dir)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)  # checkpoints hold tensors and primitives
 
     results = {"name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir), "data_stats": dm.stats,
@@ -518,21 +513,42 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def _exposure_bias(cfg: DictConfig, student, teacher, tokenizer, dm) -> dict | None:
-    """ExAccErr@15 on dev prompts (METHOD.md 7); loads the (cached) teacher for runs that trained without it."""
+def resume_checkpoint(ckpt_path, run_dir: Path) -> str | None:
+    """The checkpoint `trainer.fit` resumes from. "last": <run_dir>/checkpoints/last.ckpt; when there is none yet
+    (a requeued job killed before its first checkpoint, or a new run directory) a warning names the path and
+    training starts from scratch. An explicit path that is not a file is a ConfigError."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path != "last":
+        if not Path(os.path.expanduser(str(ckpt_path))).is_file():
+            raise ConfigError(f"ckpt_path={ckpt_path}: no checkpoint there (use a .ckpt file, or 'last' for this run dir's)")
+        return str(ckpt_path)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        return str(ckpt)
+    log.warning("ckpt_path=last: no checkpoint at %s, so training starts FROM SCRATCH; to resume a killed run, set "
+                "hydra.run.dir to that run's directory (this run's is %s)", ckpt, run_dir)
+    return None
+
+
+def _exposure_bias(cfg: DictConfig, student, teacher, tokenizer, dm) -> dict:
+    """ExAccErr@15 on dev prompts (METHOD.md 7); loads the (cached) teacher for runs that trained without it.
+    Without a loadable teacher it is skipped with a warning and {"skipped": reason}; a failure of the
+    measurement itself is a bug and is raised."""
     from mgsr.evaluation.exposure import measure_exposure_bias
 
     e = cfg.eval
-    try:
-        if teacher is None:
+    if teacher is None:
+        try:
             teacher = ensure_teacher(cfg, tokenizer, dm)
-        teacher.to(next(student.parameters()).device)
-        out = measure_exposure_bias(teacher, student, tokenizer, dm.records["val"], n_prompts=e.exposure_prompts,
-                                    seed=e.exposure_seed, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                    max_prompt_len=cfg.data.max_prompt_len)
-    except (ConfigError, OSError, ValueError) as err:  # no teacher to compare with: skip, never fail the run
-        log.warning("exposure bias skipped: %s", err)
-        return None
+        except (ConfigError, OSError, ValueError) as err:  # no teacher to compare with: skip, never fail the run
+            reason = f"no teacher to compare with ({type(err).__name__}: {err})"
+            log.warning("exposure bias skipped: %s", reason)
+            return {"skipped": reason}
+    teacher.to(next(student.parameters()).device)
+    out = measure_exposure_bias(teacher, student, tokenizer, dm.records["val"], n_prompts=e.exposure_prompts,
+                                seed=e.exposure_seed, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                max_prompt_len=cfg.data.max_prompt_len)
     log.info("exposure bias: ExAccErr@%d = %.1f%% on %d dev prompts", out["at"], out["exacc_err"], out["n_prompts"])
     return out
 
@@ -547,8 +563,9 @@ def _sweep_group(cfg: DictConfig, run_dir: Path) -> str | None:
             from mgsr.report import sweep_group
 
             return sweep_group(cfg.name, run_dir.parent)
-    except Exception:  # noqa: BLE001 - grouping is cosmetic
-        pass
+    except Exception as e:  # noqa: BLE001 - grouping is cosmetic: say so and go on ungrouped
+        log.warning("W&B: could not derive the sweep group (%s: %s); this run is logged without a group "
+                    "(set group=... to choose one)", type(e).__name__, e)
     return None
 
 

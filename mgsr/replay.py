@@ -6,9 +6,12 @@ batches of different widths mix freely; `sample` re-pads them into the canonical
 
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ReplayBuffer:
@@ -45,7 +48,17 @@ class ReplayBuffer:
         return {"capacity": self.capacity, "items": self.items, "next": self._next, "rng": self._rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.capacity, self.items, self._next = state["capacity"], list(state["items"]), state["next"]
+        """Restore the contents; the capacity stays the configured one. A checkpoint written with another
+        capacity keeps its newest entries that fit, with a warning (the config decides, not the checkpoint)."""
+        items, nxt = list(state["items"]), state["next"]
+        if state["capacity"] != self.capacity:
+            oldest_first = items[nxt:] + items[:nxt] if len(items) == state["capacity"] else items
+            dropped = max(len(oldest_first) - self.capacity, 0)
+            log.warning("replay buffer: the checkpoint's capacity is %d, the config's (scrg.buffer_capacity) %d; "
+                        "using %d%s", state["capacity"], self.capacity, self.capacity,
+                        f" and dropping the {dropped} oldest entries" if dropped else "")
+            items, nxt = oldest_first[dropped:], 0
+        self.items, self._next = items, nxt
         self._rng.setstate(state["rng"])
 
 

@@ -91,22 +91,23 @@ def pick_corrections(div: torch.Tensor, candidates: torch.Tensor, cfg: ScrgConfi
     """Which response positions get the teacher's token. div, candidates: [B, R]; returns bool [B, R].
 
     single: the candidate of maximal divergence. multi/fixed: candidates with d_i > threshold.
-    multi/adaptive: candidates with d_i above the row's `quantile`-quantile of candidate divergences.
+    multi/adaptive: candidates with d_i strictly above the row's `quantile`-quantile of candidate
+    divergences, and always the row's maximal candidate (the quantile of one value, or of equal values, is
+    that value: a strict `>` alone would leave such rows uncorrected although they have candidates).
     Multi mode keeps at most `max_corrections` per row (the largest d_i). Rows without candidates: none.
     """
     neg = torch.finfo(div.dtype).min
     masked = torch.where(candidates, div, torch.full_like(div, neg))
+    row_max = torch.zeros_like(candidates).scatter(1, masked.argmax(-1, keepdim=True), True) & candidates
     if cfg.mode == "single":
-        j = masked.argmax(-1, keepdim=True)
-        picked = torch.zeros_like(candidates).scatter(1, j, True)
-        return picked & candidates
+        return row_max
     if cfg.threshold_mode == "fixed":
         picked = candidates & (div > cfg.threshold)
     else:
         # per-row quantile over candidates only: NaN-out the rest, nanquantile ignores them
         vals = torch.where(candidates, div, torch.full_like(div, float("nan")))
         thr = torch.nanquantile(vals, cfg.quantile, dim=-1, keepdim=True)
-        picked = candidates & (div > thr)
+        picked = candidates & ((div > thr) | row_max)
     if picked.sum(-1).max() > cfg.max_corrections:
         k = min(cfg.max_corrections, div.shape[1])
         top = torch.where(picked, div, torch.full_like(div, neg)).topk(k, dim=-1).indices

@@ -10,15 +10,29 @@ averaged-perceptron tagger (``averaged_perceptron_tagger_eng``) and chunked by `
 first to its last word as found in the text (found by a forward search, because the word tokenizer
 rewrites quotes to ``\\`\\``` / ``''``; words that cannot be found are skipped).
 
-Chunks are mapped to tokens by character overlap: token k covers ``[off_k, off_k + len(text_k))`` of
-``"".join(token_texts)``, minus leading/trailing whitespace; a token belongs to a chunk when that trimmed
+Chunks are mapped to tokens by character overlap on the decoded text (``token_offsets``): token k covers
+``[a_k, b_k)`` of the text, minus leading/trailing whitespace; a token belongs to a chunk when that trimmed
 range overlaps the chunk (whitespace-only and special tokens belong to none). A chunk gives the token
 range ``[first, last + 1)`` and is kept when it overlaps ``>= min_tokens`` tokens. A token that straddles
-two chunks belongs to both, so spans may share their edge token.
+two chunks belongs to both, so spans may share their edge token; byte-fallback / byte-BPE pieces of one
+character all cover that character.
 
-NLTK data is never downloaded. ``nltk_data_dir`` (config key ``span.nltk_data``) is put at the front of
-``nltk.data.path``. If the resources are missing, or ``use_nltk=False``, the **fallback rule** is used and
-a warning is emitted once per process:
+Where the ``[a_k, b_k)`` come from (a token's own text is not its share of the decoded text: SentencePiece
+``\u2581`` spaces, byte fallback, multi-byte characters split across byte-BPE tokens):
+
+- fast tokenizer: the response (special tokens left out) is decoded once and re-encoded with
+  ``return_offsets_mapping``; when the re-encoding gives back the same ids, its offsets are used. A sampled
+  sequence the tokenizer would not produce from its own text (e.g. a word split unusually) gets exact
+  offsets from decoding its prefixes instead: token k ends where ``decode(ids[:k+1])`` stops agreeing with
+  the full text.
+- slow tokenizer (no offsets): each token decoded alone, texts concatenated (exact only for tokenizers
+  whose pieces decode independently, such as GPT-2's).
+
+NLTK data is never downloaded. ``nltk_data_dir`` (config key ``span.nltk_data``) is searched first while the
+models load; ``nltk.data.path`` is left as it was (NLTK only reads data it finds through that list, so the
+directory is put there for the loading and taken out again). If the resources are missing, or
+``use_nltk=False``, the **fallback rule** is used and a warning is emitted once per ``WarnOnce`` object
+(each extractor has its own unless one is passed in, so a run warns once):
 
     Fallback rule: spans are maximal runs of consecutive tokens whose text contains at least one
     alphanumeric character and none of the sentence punctuation characters ``. , ; : ! ?`` or a newline,
@@ -38,6 +52,7 @@ import re
 import warnings
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 
@@ -58,28 +73,88 @@ _QUOTE_SOURCES = {"``": ('"', "``", "\u201c", "''"), "''": ('"', "''", "\u201d",
 # Fallback pieces of raw text: words (letters/digits, inner ' or - allowed) and single other characters.
 _FALLBACK_PIECE = re.compile(r"\w+(?:['\u2019-]\w+)*|\S")
 
-_fallback_warned = False
+class WarnOnce:
+    """A message logged and warned the first time only. Share one instance between objects that should
+    warn once together; each SpanExtractor otherwise owns its own."""
+
+    def __init__(self):
+        self.warned = False
+
+    def __call__(self, msg: str) -> None:
+        if self.warned:
+            return
+        self.warned = True
+        log.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=4)
 
 
-def reset_fallback_warning() -> None:
-    """Re-arm the once-per-process fallback warning (for tests)."""
-    global _fallback_warned
-    _fallback_warned = False
-
-
-def _warn_fallback(reason: str) -> None:
-    global _fallback_warned
-    if _fallback_warned:
-        return
-    _fallback_warned = True
-    msg = (
+def _fallback_message(reason: str) -> str:
+    return (
         f"Span priors: {reason}; using the fallback rule instead of NLTK chunking (spans = maximal runs of "
         "tokens with an alphanumeric character and no sentence punctuation . , ; : ! ? or newline). "
         "Point the config key `span.nltk_data` to an nltk_data directory holding punkt_tab and "
         "averaged_perceptron_tagger_eng (e.g. shared/data/nltk_data); NLTK data is never downloaded."
     )
-    log.warning(msg)
-    warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+@contextmanager
+def _nltk_search_path(nltk, data_dir: str | None):
+    """`nltk.data.path` with `data_dir` first, only while the models load, then exactly as before.
+
+    NLTK finds (and, since 3.9, authorises reads of) its data only through that global list; the loaded
+    Punkt parameters and tagger weights live in memory, so nothing needs the entry afterwards.
+    """
+    saved = list(nltk.data.path)
+    if data_dir is not None:
+        nltk.data.path.insert(0, data_dir)
+    try:
+        yield
+    finally:
+        nltk.data.path[:] = saved
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def token_offsets(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int] | None]]:
+    """The decoded text of `ids` (special tokens left out) and each token's [start, end) in it.
+
+    Special tokens get None. See the module docstring for the three ways the offsets are found.
+    """
+    special = set(tokenizer.all_special_ids)
+    keep = [k for k, i in enumerate(ids) if i not in special]
+    kept = [ids[k] for k in keep]
+    offsets: list[tuple[int, int] | None] = [None] * len(ids)
+    if not kept:
+        return "", offsets
+    kw = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if getattr(tokenizer, "is_fast", False):
+        text = tokenizer.decode(kept, **kw)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == kept:
+            found = [tuple(o) for o in enc["offset_mapping"]]
+        else:
+            found, start = [], 0
+            for prefix in tokenizer.batch_decode([kept[: k + 1] for k in range(len(kept))], **kw):
+                # an incomplete multi-byte character decodes to U+FFFD: that token adds no text yet
+                end = max(_common_prefix_len(prefix, text), start)
+                found.append((start, end))
+                start = end
+    else:
+        found, start = [], 0
+        pieces = tokenizer.batch_decode([[i] for i in kept], **kw)
+        for piece in pieces:
+            found.append((start, start + len(piece)))
+            start += len(piece)
+        text = "".join(pieces)
+    for k, o in zip(keep, found):
+        offsets[k] = o
+    return text, offsets
 
 
 def _is_word_token(text: str) -> bool:
@@ -127,7 +202,9 @@ class SpanExtractor:
         grammar: str = DEFAULT_GRAMMAR,
         use_nltk: bool = True,
         cache_size: int = 65536,
+        warn_once: WarnOnce | None = None,
     ):
+        self.warn_once = warn_once if warn_once is not None else WarnOnce()
         self.min_tokens = min_tokens
         self.cache_size = cache_size
         self.cache_hits = 0
@@ -135,13 +212,13 @@ class SpanExtractor:
         self._cache: OrderedDict[tuple[int, ...], list[tuple[int, int]]] = OrderedDict()
         self._backend = "fallback"
         if not use_nltk:
-            _warn_fallback("NLTK chunking disabled (use_nltk=False)")
+            self.warn_once(_fallback_message("NLTK chunking disabled (use_nltk=False)"))
             return
         reason = self._load_nltk(nltk_data_dir, grammar)
         if reason is None:
             self._backend = "nltk"
         else:
-            _warn_fallback(reason)
+            self.warn_once(_fallback_message(reason))
 
     def _load_nltk(self, nltk_data_dir: str | None, grammar: str) -> str | None:
         """Load Punkt, the tagger and the chunker; returns why not, or None on success."""
@@ -154,14 +231,12 @@ class SpanExtractor:
             return "nltk is not installed"
         if nltk_data_dir is not None:
             nltk_data_dir = str(nltk_data_dir)
-            if nltk_data_dir in nltk.data.path:
-                nltk.data.path.remove(nltk_data_dir)
-            nltk.data.path.insert(0, nltk_data_dir)
         try:
-            for resource in NLTK_RESOURCES:
-                nltk.data.find(resource)
-            self._sentences = PunktTokenizer("english")
-            self._tagger = PerceptronTagger(load=True, lang="eng")
+            with _nltk_search_path(nltk, nltk_data_dir):
+                for resource in NLTK_RESOURCES:
+                    nltk.data.find(resource)
+                self._sentences = PunktTokenizer("english")
+                self._tagger = PerceptronTagger(load=True, lang="eng")
         except LookupError:
             names = ", ".join(NLTK_RESOURCES)
             return f"NLTK data ({names}) not found in nltk.data.path (nltk_data_dir={nltk_data_dir!r})"
@@ -221,32 +296,45 @@ class SpanExtractor:
     def token_spans(self, token_texts: list[str]) -> list[tuple[int, int]]:
         """[start, end) token ranges of chunks covering >= min_tokens tokens, sorted, de-duplicated.
 
-        token_texts: per-token decoded strings; token k covers chars [off_k, off_k + len(token_texts[k]))
-        of "".join(token_texts).
+        token_texts: per-token strings; token k covers chars [off_k, off_k + len(token_texts[k])) of
+        "".join(token_texts) (an empty string: a token with no text, e.g. a special token).
+        """
+        offsets, off = [], 0
+        for t in token_texts:
+            offsets.append((off, off + len(t)))
+            off += len(t)
+        return self.spans_from_offsets("".join(token_texts), offsets)
+
+    def spans_from_offsets(self, text: str, offsets: list[tuple[int, int] | None]) -> list[tuple[int, int]]:
+        """token_spans for tokens given by their [start, end) in `text` (None: no text, in no span).
+
+        Offsets must be non-decreasing in both ends (tokens in text order; neighbours may overlap, as the
+        byte pieces of one character do).
         """
         if self._backend == "fallback":
-            flags = [_is_word_token(t) for t in token_texts]
+            flags = [o is not None and _is_word_token(text[o[0]:o[1]]) for o in offsets]
             return [(s, e) for s, e in _runs(flags) if e - s >= self.min_tokens]
         # Trimmed char ranges of the tokens that can belong to a chunk; increasing in both ends.
         index, starts, ends = [], [], []
-        off = 0
-        for k, t in enumerate(token_texts):
-            stripped = t.strip()
+        for k, o in enumerate(offsets):
+            if o is None:
+                continue
+            piece = text[o[0]:o[1]]
+            stripped = piece.strip()
             if stripped:
-                a = off + len(t) - len(t.lstrip())
+                a = o[0] + len(piece) - len(piece.lstrip())
                 index.append(k)
                 starts.append(a)
                 ends.append(a + len(stripped))
-            off += len(t)
         spans = set()
-        for cs, ce in self.char_spans("".join(token_texts)):
+        for cs, ce in self.char_spans(text):
             lo, hi = bisect_right(ends, cs), bisect_left(starts, ce)
             if hi - lo >= self.min_tokens:
                 spans.add((index[lo], index[hi - 1] + 1))
         return sorted(spans)
 
     def spans_for_ids(self, tokenizer, ids: list[int]) -> list[tuple[int, int]]:
-        """token_spans of one id sequence, decoded token by token (special tokens -> ""); LRU-cached.
+        """Spans of one id sequence, on its decoded text (`token_offsets`); LRU-cached.
 
         The cache key is tuple(ids) only, so one extractor should serve one tokenizer.
         """
@@ -257,11 +345,7 @@ class SpanExtractor:
             self._cache.move_to_end(key)
             return cached
         self.cache_misses += 1
-        special = set(tokenizer.all_special_ids)
-        texts = tokenizer.batch_decode(
-            [[i] for i in key], skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
-        spans = self.token_spans(["" if i in special else t for i, t in zip(key, texts)])
+        spans = self.spans_from_offsets(*token_offsets(tokenizer, list(key)))
         if self.cache_size > 0:
             self._cache[key] = spans
             if len(self._cache) > self.cache_size:

@@ -13,7 +13,7 @@ from omegaconf import open_dict
 from mgsr.config import ConfigError
 from mgsr.data.jsonl import load_jsonl_records
 from mgsr.data.tokenizer import build_tokenizer
-from mgsr.evaluation.entry import evaluate_from_config, load_eval_sets
+from mgsr.evaluation.entry import evaluate_from_config, load_eval_sets, settings_from
 from mgsr.models import build_from_config
 from mgsr.pipeline import build_datamodule, eval_sets, run
 from mgsr.pipeline import build_tokenizer as pipeline_tokenizer
@@ -53,7 +53,10 @@ def tiny_dolly(tmp_path_factory) -> Path:
 def test_five_eval_sets_load_with_their_record_counts_and_labels():
     cfg = compose_eval(["model_path=unused", "+eval=paper"])
     assert list(cfg.eval_sets) == PAPER_SETS and list(cfg.seeds) == [10, 20, 30, 40, 50]
-    assert cfg.max_new_tokens == 256 and cfg.no_repeat_ngram_size == 6 and cfg.top_k == 0
+    assert cfg.no_repeat_ngram_size == 6 and cfg.top_k == 0
+    # MiniLLM's bound: 512 in total, prompts padded to 256 -> 256 new tokens for every prompt
+    assert cfg.max_length == 512 and cfg.max_prompt_len == 256 and cfg.max_new_tokens is None
+    assert settings_from(cfg).sampling().max_new_tokens == 256
     sets, labels, skipped = load_eval_sets(cfg)
     assert {k: len(v) for k, v in sets.items()} == COUNTS
     assert labels == {"dolly": "Dolly", "self_inst": "SelfInst", "vicuna": "Vicuna", "sinst": "S-NI",
@@ -141,7 +144,7 @@ def test_evaluate_over_the_five_sets_and_a_malformed_one(tmp_path):
     bad.write_text('{"prompt": "Q?", "output": "A."}\nnot json\n{"prompt": "Q2?"}\n{"prompt": "Q3?", "output": 7}\n')
     cfg = compose_eval([f"model_path={model_dir}", "+eval=paper", "eval_sets=[dolly,self_inst,vicuna,sinst,uinst,bad]",
                         f"+sets.bad={{path: {bad}, label: Bad}}", "seeds=[10,20]", "limit=2", "max_new_tokens=4",
-                        "max_prompt_len=512", "device=cpu"])
+                        "max_length=null", "max_prompt_len=512", "device=cpu"])
     res = evaluate_from_config(cfg, tmp_path / "out", log=lambda *_: None)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["skipped_rows"]["bad"] == {"bad_output": 1, "invalid_json": 1, "missing_field": 1}

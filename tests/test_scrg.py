@@ -1,3 +1,4 @@
+import math
 import types
 
 import pytest
@@ -6,15 +7,22 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from mgsr.callbacks import ScrgCallback
 from mgsr.generation import SamplingConfig, generate
-from mgsr.scrg import RevisionStats, ScrgConfig, pick_corrections, revise_once, rollout_and_revise
+from mgsr.scrg import (
+    RevisionStats,
+    ScrgConfig,
+    pick_corrections,
+    revise_once,
+    rollout_and_revise,
+    token_divergence,
+)
 
 EOS, PAD = 1, 0
 
 
-def _model(seed):
+def _model(seed, init=0.02):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=30, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=EOS,
-                     eos_token_id=EOS)
+                     eos_token_id=EOS, initializer_range=init)
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -149,3 +157,85 @@ def test_bad_scrg_config_is_one_line():
         ScrgConfig(mode="all")
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         ScrgCallback(every_n_steps=0)
+
+
+# --- adaptive multi-token threshold: rows with candidates always correct their maximum (issue 14.4) -----------
+def test_pick_adaptive_single_candidate_and_equal_divergences_correct_the_maximum():
+    div = torch.tensor([[0.5, 3.0, 0.2, 0.1], [2.0, 2.0, 2.0, 2.0], [1.0, 4.0, 2.0, 3.0]])
+    cand = torch.tensor([[False, True, False, False], [True, True, True, True], [False, False, False, False]])
+    picked = pick_corrections(div, cand, ScrgConfig(mode="multi", threshold_mode="adaptive", quantile=0.8))
+    # one candidate: its quantile is itself; equal values: the quantile equals them -> still the maximum (the
+    # first of the ties, as argmax); no candidates: nothing
+    assert picked.tolist() == [[False, True, False, False], [True, False, False, False], [False] * 4]
+
+
+def test_pick_adaptive_value_on_the_quantile_is_not_above_it():
+    # 0.75-quantile of 1..5 is exactly 4.0: strictly above it is {5} only (a >= would also take 4)
+    div = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    cand = torch.ones_like(div, dtype=torch.bool)
+    picked = pick_corrections(div, cand, ScrgConfig(mode="multi", threshold_mode="adaptive", quantile=0.75))
+    assert picked.tolist() == [[False, False, False, False, True]]
+
+
+def test_adaptive_revision_corrects_a_row_with_one_candidate(rollout):
+    student, seqs = rollout
+    P, j = seqs["prompt_len"], 4
+    resp = seqs["input_ids"][:, P:]
+    token = next(t for t in range(2, 30) if (resp[:, j] != t).all())
+    # teacher = student except the spike: the only position where the teacher's argmax differs is j (if the
+    # student's sample is not its argmax elsewhere, those are candidates too; make them agree)
+    greedy = generate(student, seqs["input_ids"][:, :P], seqs["attention_mask"][:, :P],
+                      SamplingConfig(max_new_tokens=12, greedy=True), eos_id=EOS + 100, pad_id=PAD)
+    teacher = SpikeTeacher(student, P, j, token)
+    stats = RevisionStats()
+    out = revise_once(teacher, student, greedy, ScrgConfig(mode="multi", threshold_mode="adaptive", quantile=0.9),
+                      SamplingConfig(max_new_tokens=12, greedy=True), eos_id=EOS + 100, pad_id=PAD, stats=stats)
+    assert (out["input_ids"][:, P + j] == token).all()
+    assert stats.summary()["unchanged_share"] == 0.0 and stats.summary()["corrected_per_seq"] == 1.0
+
+
+# --- mutations that the suite must catch (issue 14.11) ----------------------------------------------------------
+def test_token_divergence_directions_golden():
+    # p = (0.7, 0.2, 0.1) teacher, q = (0.2, 0.5, 0.3) student, as logits (log-probabilities)
+    p, q = [0.7, 0.2, 0.1], [0.2, 0.5, 0.3]
+    t_logits = torch.tensor(p).log().view(1, 1, 3)
+    s_logits = torch.tensor(q).log().view(1, 1, 3)
+    fkl = sum(a * math.log(a / b) for a, b in zip(p, q))  # KL(p || q) = 0.583815...
+    rkl = sum(b * math.log(b / a) for a, b in zip(p, q))  # KL(q || p) = 0.537176...
+    assert fkl == pytest.approx(0.5838150, abs=1e-6) and rkl == pytest.approx(0.5371758, abs=1e-6)
+    assert token_divergence(t_logits, s_logits, "fkl").item() == pytest.approx(fkl, abs=1e-6)
+    assert token_divergence(t_logits, s_logits, "rkl").item() == pytest.approx(rkl, abs=1e-6)
+
+
+def _greedy_reference(model, prefix, n):
+    """One row, no padding, no cache: argmax continuation of `prefix` for n tokens."""
+    ids, out = prefix[None], []
+    for _ in range(n):
+        nxt = model(input_ids=ids).logits[0, -1].argmax()
+        out.append(int(nxt))
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    return out
+
+
+def test_multi_correction_regeneration_matches_a_cache_free_reference():
+    # Two corrections (2 and 6): the scoring cache is exact only before the FIRST changed token; trusting it up
+    # to the last one would keep the old token's keys/values at 2 and change what is generated after 6.
+    # Large initial weights, so that the next token depends on the context, not only on the last token.
+    student = _model(3, init=0.5)
+    ids = torch.tensor([[PAD, 5, 6, 7], [8, 9, 10, 11], [PAD, PAD, 12, 13]])
+    seqs = generate(student, ids, (ids != PAD).long(), SamplingConfig(max_new_tokens=16), eos_id=EOS + 100,
+                    pad_id=PAD, generator=torch.Generator().manual_seed(0))
+    P = seqs["prompt_len"]
+    resp = seqs["input_ids"][:, P:]
+    t1 = next(t for t in range(2, 30) if (resp[:, 2] != t).all())
+    t2 = next(t for t in range(2, 30) if (resp[:, 6] != t).all())
+    teacher = SpikeTeacher(SpikeTeacher(student, P, 2, t1), P, 6, t2)
+    out = revise_once(teacher, student, seqs, ScrgConfig(mode="multi", threshold=1.0, max_corrections=2),
+                      SamplingConfig(max_new_tokens=16, greedy=True), eos_id=EOS + 100, pad_id=PAD)
+    with torch.no_grad():
+        for b in range(resp.shape[0]):
+            prompt = seqs["input_ids"][b, :P][seqs["attention_mask"][b, :P].bool()]
+            kept = out["input_ids"][b, P:P + 7]
+            assert kept[2] == t1 and kept[6] == t2
+            ref = _greedy_reference(student, torch.cat([prompt, kept]), 16 - 7)
+            assert out["input_ids"][b, P + 7:P + 16].tolist() == ref, b

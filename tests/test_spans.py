@@ -64,33 +64,53 @@ def test_grammar_is_methods() -> None:
 
 
 def test_backend_nltk_with_data_dir(nltk_ex: SpanExtractor) -> None:
-    import nltk
-
     assert nltk_ex.backend == "nltk"
-    assert nltk.data.path[0] == NLTK_DATA
 
 
-def test_missing_data_falls_back_and_warns_once(monkeypatch, caplog) -> None:
+def test_nltk_data_dir_does_not_stay_in_the_global_search_path(monkeypatch) -> None:
     import nltk
 
-    # Hide every data dir (including one a previous test inserted) so only the bogus dir is searched.
+    # Only the configured directory holds the data: loading must find it there, then leave the list alone.
+    monkeypatch.setattr(nltk.data, "path", ["/nonexistent/a", "/nonexistent/b"])
+    ex = SpanExtractor(NLTK_DATA)
+    assert ex.backend == "nltk"
+    assert nltk.data.path == ["/nonexistent/a", "/nonexistent/b"]
+    assert ex.char_spans(FOX) == [(0, 19), (20, 25), (26, 43)]  # the loaded models need no file access later
+
+
+def test_missing_data_falls_back_and_warns_once_per_extractor(monkeypatch, caplog) -> None:
+    import nltk
+
+    # Hide every data dir so only the bogus dir is searched.
     monkeypatch.setattr(nltk.data, "path", [])
-    spans_mod.reset_fallback_warning()
     caplog.set_level(logging.WARNING, logger="mgsr.spans")
     with pytest.warns(UserWarning, match="span.nltk_data") as record:
         a = SpanExtractor("/nonexistent/nltk_data_dir")
-        b = SpanExtractor("/nonexistent/nltk_data_dir")
         a.token_spans(FOX_TOKENS)
-        b.char_spans(FOX)
-    assert a.backend == b.backend == "fallback"
+        a.char_spans(FOX)
+    assert a.backend == "fallback"
     assert len([w for w in record if "NLTK" in str(w.message)]) == 1
     assert len([r for r in caplog.records if r.name == "mgsr.spans"]) == 1
     assert "fallback rule" in caplog.records[0].getMessage()
-    spans_mod.reset_fallback_warning()
+
+
+def test_warn_once_is_owned_not_global(monkeypatch) -> None:
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        SpanExtractor("/nonexistent/x")
+        SpanExtractor("/nonexistent/x")  # a second, independent extractor says it too
+        shared = spans_mod.WarnOnce()
+        SpanExtractor("/nonexistent/x", warn_once=shared)
+        SpanExtractor("/nonexistent/x", warn_once=shared)  # one shared notice: once for both
+    assert len([w for w in record if "fallback rule" in str(w.message)]) == 3
+    assert shared.warned
+    assert not hasattr(spans_mod, "_fallback_warned")
 
 
 def test_use_nltk_false_is_fallback_with_warning() -> None:
-    spans_mod.reset_fallback_warning()
     with pytest.warns(UserWarning, match="use_nltk=False"):
         ex = SpanExtractor(NLTK_DATA, use_nltk=False)
     assert ex.backend == "fallback"
@@ -233,3 +253,95 @@ def test_pair_mask_fallback(fallback_ex: SpanExtractor, hf_tokenizer) -> None:
     exp = torch.zeros(1, ids.shape[1] - 1, dtype=torch.bool)
     exp[0, :8] = True  # "The ... dog" is one run; "." and EOS end it
     assert torch.equal(out, exp)
+
+
+# --- token mapping on the decoded text (offset_mapping), for tokenizers whose pieces do not decode alone --------
+@pytest.fixture(scope="module")
+def metaspace_tokenizer():
+    """SentencePiece-style (LLaMA): Metaspace "\u2581" spaces, byte fallback for unseen characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=["<unk>", "</s>", *bytes_])
+    tok.train_from_iterator([FOX, "A cat sat on the mat, and the dog barked loudly.", "The old man drinks tea."] * 5,
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+def _span_texts(ex, tok, ids):
+    return [tok.decode(ids[s:e]).strip() for s, e in ex.spans_for_ids(tok, ids)]
+
+
+def test_metaspace_pieces_do_not_decode_alone(metaspace_tokenizer) -> None:
+    # What broke the per-token mapping: "\u2581quick" decodes alone to "quick", so the joined pieces lose every space.
+    ids = metaspace_tokenizer(FOX, add_special_tokens=False)["input_ids"]
+    joined = "".join(metaspace_tokenizer.decode([i]) for i in ids)
+    assert joined != metaspace_tokenizer.decode(ids) == FOX
+
+
+def test_spans_metaspace_tokenizer(nltk_ex, metaspace_tokenizer) -> None:
+    tok = metaspace_tokenizer
+    ids = tok(FOX, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # every chunk of the sentence covers >= 2 of this small vocabulary's tokens ("jumps" is j-u-m-p-s)
+    assert _span_texts(nltk_ex, tok, ids) == ["The quick brown fox", "jumps", "over the lazy dog"]
+    spans = nltk_ex.spans_for_ids(tok, ids)
+    assert spans[-1][1] < len(ids) - 1  # neither "." nor EOS is inside a span
+
+
+def test_spans_metaspace_non_ascii_byte_fallback(nltk_ex, metaspace_tokenizer) -> None:
+    tok = metaspace_tokenizer
+    text = "The old man drinks \u00fcber-strong tea in the caf\u00e9 \u2603 with the lazy dog."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(ids))  # byte fallback is exercised
+    # each span decodes to exactly one chunk's text, none shifted by the byte pieces before it
+    assert _span_texts(nltk_ex, tok, ids) == ["The old man", "drinks", "\u00fcber-strong tea", "in the caf\u00e9 \u2603",
+                                              "with the lazy dog"]
+
+
+def test_spans_byte_bpe_non_ascii(nltk_ex, hf_tokenizer) -> None:
+    # Multi-byte characters split over byte-BPE tokens: alone each piece decodes to U+FFFD, so the joined
+    # pieces glued "dog\u2014the" into one word and chunked a text that was never generated.
+    tok = hf_tokenizer
+    text = "The dog\u2014the cat\u2014sat on the mat."
+    ids = tok(text)["input_ids"]
+    assert "\ufffd" in "".join(tok.decode([i]) for i in ids)
+    chunks = [text[a:b] for a, b in nltk_ex.char_spans(text)]
+    assert chunks == ["The dog", "\u2014", "the cat\u2014", "sat", "on the mat"]
+    assert _span_texts(nltk_ex, tok, ids) == ["The dog", "\u2014", "the cat\u2014", "on the mat"]  # "sat": 1 token
+    text = "The na\u00efve caf\u00e9 owner s\u00e9es the \u00fcber lazy dog over the old mat."
+    assert _span_texts(nltk_ex, tok, tok(text)["input_ids"]) == [
+        "The na\u00efve caf\u00e9 owner", "s\u00e9es", "the \u00fcber", "lazy dog", "over the old mat"]
+
+
+def test_spans_non_canonical_sampled_tokens(nltk_ex, hf_tokenizer) -> None:
+    # A student may sample " fo" + "x" where the tokenizer would write " fox": the decoded text is the same,
+    # the re-encoding is not, so the offsets come from decoding prefixes.
+    tok = hf_tokenizer
+    canon = tok(FOX)["input_ids"]
+    pieces = [tok.get_vocab()[p] for p in ("\u0120fo", "x")]
+    assert tok.decode(pieces) == " fox"
+    ids = canon[:3] + pieces + canon[4:]
+    assert tok.decode(ids) == FOX and tok(FOX)["input_ids"] != ids
+    spans = nltk_ex.spans_for_ids(tok, ids)
+    assert [tok.decode(ids[s:e]).strip() for s, e in spans] == ["The quick brown fox", "over the lazy dog"]
+    assert spans[0] == (0, 5)  # The, quick, brown, fo, x
+
+
+class _SlowTokenizer:
+    """No offsets (is_fast False): per-token decoding is the only mapping."""
+
+    is_fast = False
+    all_special_ids = [0]
+    vocab = {1: "The", 2: " quick", 3: " brown", 4: " fox", 5: ".", 6: " It", 7: " barks"}
+
+    def batch_decode(self, rows, **kw):
+        return ["".join(self.vocab.get(i, "") for i in row) for row in rows]
+
+
+def test_slow_tokenizer_per_token_fallback(nltk_ex) -> None:
+    assert nltk_ex.spans_for_ids(_SlowTokenizer(), [1, 2, 3, 4, 5, 0]) == [(0, 4)]

@@ -4,7 +4,10 @@ On dev prompts, sample one response with the STUDENT (prefixes y^s) and one with
 the training sampler (temperature 1, top_k 0, top_p 1, no n-gram ban) and a fixed seed (10). On every
 prefix of each response, one teacher and one student forward give the per-step error
 
-    KL_t = KL(p(. | x, y_<t) || q(. | x, y_<t))      p = teacher, q = student, t = 1..L
+    KL_t = KL(p(. | x, y_<=t) || q(. | x, y_<=t))      p = teacher, q = student, t = 1..L
+
+i.e. the prediction after t generated tokens, as MiniLLM's table (its logits start at the first generated
+token): the prediction from the prompt alone is the same on both prefixes and is left out, as there.
 
 `mgsr.evaluation.metrics.exposure_bias` turns the two [N, L] tables into
 R(l) (student prefixes), eps(l) (teacher prefixes) and ExAccErr(l) = (R(l) - eps(l)) / eps(l) x 100%.
@@ -75,7 +78,8 @@ def measure_exposure_bias(teacher, student, tokenizer, records: list[dict], *, n
             for who, model in (("student", student), ("teacher", teacher)):
                 seqs = generate(model, batch["prompt_ids"], batch["prompt_attention_mask"], sampling,
                                 eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=gens[who])
-                tables[who].append(prefix_kl(teacher, student, seqs, vocab).cpu())
+                # column 0 predicts from the prompt alone: no generated prefix yet, so not in MiniLLM's table
+                tables[who].append(prefix_kl(teacher, student, seqs, vocab)[:, 1:].cpu())
     finally:
         teacher.train(was[0]), student.train(was[1])
     if not prompt_ids:

@@ -1,8 +1,8 @@
 """Evaluation metrics (METHOD.md section 7): ROUGE-L, exact match, Distinct-n, exposure bias (ExAccErr).
 
 Pure python / torch: no model code. The text metrics follow MiniLLM / DistiLLM's evaluation scripts
-(``rouge_score`` ROUGE-L F-measure with the Porter stemmer, max over references, mean x 100; SQuAD-style
-exact match), so numbers are comparable with the papers.
+(``rouge_score`` ROUGE-L F-measure with the Porter stemmer, max over references, mean x 100; exact match
+with their normalisation, which keeps articles), so numbers are comparable with the papers.
 """
 
 from __future__ import annotations
@@ -70,25 +70,36 @@ def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> 
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation, in SQuAD's order: lowercase, drop ASCII punctuation, drop the articles
-    a/an/the (whole words), collapse whitespace."""
+EXACT_MATCH_NORMALIZATIONS = ("minillm", "squad")
+
+
+def normalize_answer(text: str, style: str = "minillm") -> str:
+    """Text normalisation before exact match.
+
+    ``minillm`` (default; MiniLLM / DistiLLM's ``rouge_metric.py``, from Natural Instructions, and the
+    paper's): lowercase, drop ASCII punctuation, collapse whitespace. ``squad``: the same plus dropping the
+    articles a/an/the (whole words, after the punctuation, in SQuAD's order).
+    """
+    if style not in EXACT_MATCH_NORMALIZATIONS:
+        raise ValueError(f"exact-match normalisation must be one of {EXACT_MATCH_NORMALIZATIONS}, got {style!r}")
     text = text.lower()
     text = "".join(ch for ch in text if ch not in _PUNCT)
-    text = _ARTICLES.sub(" ", text)
+    if style == "squad":
+        text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]], *, style: str = "minillm") -> float:
     """Mean over examples of max over references of [normalize(pred) == normalize(ref)], x 100.
 
+    ``style``: see ``normalize_answer`` (``minillm`` keeps articles, ``squad`` drops them).
     Empty prediction list -> 0.0.
     """
     refs = _as_reference_lists(predictions, references)
     if not predictions:
         return 0.0
     hits = sum(
-        any(normalize_answer(p) == normalize_answer(r) for r in rs) for p, rs in zip(predictions, refs)
+        any(normalize_answer(p, style) == normalize_answer(r, style) for r in rs) for p, rs in zip(predictions, refs)
     )
     return 100.0 * hits / len(predictions)
 
@@ -113,9 +124,25 @@ def distinct_n(predictions: Sequence[str], n: int) -> float:
     return len(seen) / total if total else 0.0
 
 
+EXPOSURE_AVERAGES = ("minillm", "per_sequence")
+
+
+def _accumulated_means(kl: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """MiniLLM's R(l) / eps(l): [N, L] per-step values + validity -> [L].
+
+    Entry k (0-based) is (1/N) sum_i sum_{t <= k, t valid} kl[i, t]: each sequence's error summed over its
+    valid steps among the first k+1 (sum), then the mean over all N sequences (mean); invalid steps add 0,
+    a sequence that has ended keeps its total. NaN when N == 0.
+    """
+    vals = torch.where(valid, kl, torch.zeros_like(kl))
+    if kl.shape[0] == 0:
+        return torch.full((kl.shape[1],), math.nan, dtype=kl.dtype)
+    return vals.cumsum(dim=1).mean(dim=0)
+
+
 def _prefix_means(kl: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[N, L] per-step values + validity -> [L]: entry l-1 is the mean over sequences of each sequence's
-    mean over its valid steps among the first l. Sequences with no valid step yet are left out; NaN
+    """The ``per_sequence`` reading: [N, L] -> [L], entry k the mean over sequences of each sequence's
+    mean over its valid steps among the first k+1. Sequences with no valid step yet are left out; NaN
     where no sequence qualifies."""
     vals = torch.where(valid, kl, torch.zeros_like(kl))
     csum = vals.cumsum(dim=1)  # [N, L]
@@ -151,34 +178,45 @@ def exposure_bias(
     student_mask: torch.Tensor | None = None,
     teacher_mask: torch.Tensor | None = None,
     at: int = 15,
+    average: str = "minillm",
 ) -> dict:
-    """MiniLLM's excess accumulated error ExAccErr (arXiv 2306.08543, Sec. 3.3 and appendix; after
-    Arora et al. 2022), with the teacher p as the oracle and the student q as the model.
+    """MiniLLM's excess accumulated error ExAccErr (arXiv 2306.08543, Sec. 3.3 and appendix;
+    ``minillm/evaluate_exposure_bias.py``; after Arora et al. 2022), teacher p = oracle, student q = model.
 
-    Inputs, [N, L] each: per-step ``KL(p || q)`` at generation step t (t = 1..L), i.e.
+    Inputs, [N, L] each: per-step ``KL(p || q)`` at generation step t (column t-1), i.e.
     ``sum_v p(v | y_<t, x) log(p(v | y_<t, x) / q(v | y_<t, x))``, where the prefixes y_<t were
-    sampled from the STUDENT (``student_prefix_kl``) or from the TEACHER (``teacher_prefix_kl``).
-    Invalid steps (past a sequence's end) are NaN, or excluded by ``lengths`` (step t valid iff
-    t <= lengths[i], applied to both tensors) or by the optional bool masks [N, L].
+    sampled from the STUDENT (``student_prefix_kl``) or from the TEACHER (``teacher_prefix_kl``), row i
+    of both from the same prompt. Invalid steps (past a sequence's end) are NaN, or excluded by
+    ``lengths`` (step t valid iff t <= lengths[i], applied to both tensors) or by the bool masks [N, L].
 
-        R(l)   = mean_i [ mean of student_prefix_kl[i, t] over valid t <= l ]
-        eps(l) = mean_i [ mean of teacher_prefix_kl[i, t] over valid t <= l ]
-        ExAccErr(l) = (R(l) - eps(l)) / eps(l) * 100        (percent)
+    ``average="minillm"`` (default, MiniLLM's code: per sequence a cumulative sum over steps, then the
+    mean over all N sequences)::
 
-    Using means over the first l steps for both terms equals MiniLLM's (R_sum(l) - l eps(l)) /
-    (l eps(l)) with R_sum the accumulated regret. A sequence with no valid step among the first l
-    is left out of that l's mean. Guard: if eps(l) == 0, ExAccErr(l) = 0 when R(l) == 0 else +inf;
-    NaN where R or eps is undefined (no valid step in any sequence).
+        R(k)   = (1/N) sum_i sum_{t <= k+1, valid} student_prefix_kl[i, t]      (accumulated regret)
+        eps(k) = (1/N) sum_i sum_{t <= k+1, valid} teacher_prefix_kl[i, t]
+        ExAccErr(k) = (R(k) - eps(k)) / eps(k) * 100        (percent)
 
-    Returns ``{"curve": [ExAccErr(l) for l = 1..L], "at_15": ExAccErr(min(at, L)) (NaN if L == 0),
-    "R": [R(l)], "eps": [eps(l)]}`` with python floats; L = the narrower of the two widths. Math in
-    float64.
+    (MiniLLM divides each step by its count of valid samples, 1 here with one sample per prompt, plus
+    1e-3; that factor cancels in the ratio.) ``average="per_sequence"``, this project's former reading:
+    R(k) / eps(k) = mean over the sequences with a valid step among the first k+1 of each one's MEAN over
+    those steps. The two differ when lengths differ (a short sequence weighs as much as a long one in the
+    second).
+
+    ``at`` is a 0-based index into the curve, as MiniLLM's report ``ex_acc_err[15]`` (the first 16 steps
+    of its table); when the curve is shorter, its last entry. Guard: if eps == 0, ExAccErr = 0 when R == 0
+    else +inf; NaN where R or eps is undefined (no sequence at all; per_sequence: no valid step).
+
+    Returns ``{"curve": [ExAccErr(k) for k = 0..L-1], "at_15": ExAccErr(at) (NaN if L == 0), "R": [R(k)],
+    "eps": [eps(k)]}`` with python floats; L = the narrower of the two widths. Math in float64.
     """
+    if average not in EXPOSURE_AVERAGES:
+        raise ValueError(f"exposure-bias average must be one of {EXPOSURE_AVERAGES}, got {average!r}")
+    means = _accumulated_means if average == "minillm" else _prefix_means
     width = min(student_prefix_kl.shape[-1], teacher_prefix_kl.shape[-1])
     s = student_prefix_kl.detach().to("cpu", torch.float64)
     t = teacher_prefix_kl.detach().to("cpu", torch.float64)
-    r = _prefix_means(s[:, :width], _validity(s, lengths, student_mask, width))
-    eps = _prefix_means(t[:, :width], _validity(t, lengths, teacher_mask, width))
+    r = means(s[:, :width], _validity(s, lengths, student_mask, width))
+    eps = means(t[:, :width], _validity(t, lengths, teacher_mask, width))
 
     curve = []
     for r_l, e_l in zip(r.tolist(), eps.tolist()):
@@ -188,7 +226,7 @@ def exposure_bias(
             curve.append(0.0 if r_l == 0.0 else math.inf)
         else:
             curve.append((r_l - e_l) / e_l * 100.0)
-    at_l = curve[min(at, width) - 1] if width > 0 else math.nan
+    at_l = curve[min(at, width - 1)] if width > 0 else math.nan
     return {"curve": curve, "at_15": at_l, "R": r.tolist(), "eps": eps.tolist()}
 
 

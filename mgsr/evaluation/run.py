@@ -16,21 +16,40 @@ from mgsr.evaluation.tables import summarise_seeds
 from mgsr.generation import SamplingConfig, generate
 from mgsr.replay import pad_rows
 
+LENGTH_BUDGETS = ("padded", "per_row")
+
 
 @dataclass
 class EvalSettings:
+    """How evaluation generates and scores. The response length is bounded either by `max_new_tokens`, or by
+    `max_length` (prompt + response tokens, MiniLLM / DistiLLM's `--max-length`) with `length_budget`:
+
+    - ``padded`` (MiniLLM / DistiLLM exactly): every prompt is left-padded to `max_prompt_len` columns and the
+      budget is `max_length - max_prompt_len` new tokens for every prompt (512 - 256 = 256 in the paper setup);
+    - ``per_row``: `max_length` minus the prompt's own length, so short prompts may generate longer answers.
+    """
+
     seeds: tuple = (10, 20, 30, 40, 50)
     batch_size: int = 32
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = 256
+    max_length: int | None = None
+    length_budget: str = "padded"
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     no_repeat_ngram_size: int = 6
     max_prompt_len: int = 256
     limit: int | None = None
+    exact_match: str = "minillm"   # normalisation: minillm (keeps articles) | squad (drops a/an/the)
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+        new, total = self.max_new_tokens, None
+        if self.max_length is not None:
+            if self.length_budget == "padded":
+                new = self.max_length - self.max_prompt_len
+            else:
+                new, total = self.max_length, self.max_length
+        return SamplingConfig(max_new_tokens=new, max_length=total, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, no_repeat_ngram_size=self.no_repeat_ngram_size)
 
 
@@ -69,8 +88,9 @@ def generate_responses(model, tokenizer, prompt_ids: list[torch.Tensor], samplin
     return texts, n_tokens
 
 
-def score(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    return {"rougeL": rouge_l(predictions, references), "exact_match": exact_match(predictions, references),
+def score(predictions: list[str], references: list[list[str]], *, em_style: str = "minillm") -> dict[str, float]:
+    return {"rougeL": rouge_l(predictions, references),
+            "exact_match": exact_match(predictions, references, style=em_style),
             "distinct_1": distinct_n(predictions, 1), "distinct_2": distinct_n(predictions, 2)}
 
 
@@ -92,7 +112,7 @@ def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], settings: EvalS
             preds, n_tok = generate_responses(model, tokenizer, prompt_ids, sampling, seed=seed,
                                               batch_size=settings.batch_size)
             dt = time.perf_counter() - t0
-            per_seed[name][seed] = {**score(preds, refs), "tokens_per_s": n_tok / max(dt, 1e-9)}
+            per_seed[name][seed] = {**score(preds, refs, em_style=settings.exact_match), "tokens_per_s": n_tok / max(dt, 1e-9)}
             if seed == settings.seeds[0]:
                 samples[name] = [{"prompt": records[i]["prompt"], "prediction": p, "references": r}
                                  for i, p, r in list(zip(kept, preds, refs))[:20]]
