@@ -20,7 +20,8 @@ from mgsr.config import ConfigError
 def spread_layers(n_layers: int, count: int) -> list[int]:
     """`count` block indices spread evenly over `n_layers`, the first and the last always among them."""
     if not 1 <= count <= n_layers:
-        raise ConfigError(f"keep_layers={count}: need 1 <= keep_layers <= {n_layers} (the teacher's blocks)")
+        raise ConfigError(f"model.student.keep_layers={count}: need 1 <= keep_layers <= {n_layers} (the teacher's "
+                          "blocks)")
     if count == 1:
         return [0]
     return [round(i * (n_layers - 1) / (count - 1)) for i in range(count)]
@@ -32,7 +33,8 @@ def kept_layers(n_layers: int, keep: int | Sequence[int]) -> list[int]:
         return spread_layers(n_layers, keep)
     keep = [int(i) for i in keep]
     if not keep or keep != sorted(set(keep)) or keep[0] < 0 or keep[-1] >= n_layers:
-        raise ConfigError(f"keep_layers={keep}: need distinct increasing block indices in [0, {n_layers - 1}]")
+        raise ConfigError(f"model.student.keep_layers={keep}: need distinct increasing block indices in "
+                          f"[0, {n_layers - 1}]")
     return keep
 
 
@@ -67,3 +69,16 @@ def prune_layers(model, keep: int | Sequence[int]):
     pruned = AutoModelForCausalLM.from_config(config, dtype=dtype)
     pruned.load_state_dict(state, strict=True)
     return pruned.to(next(model.parameters()).device)
+
+
+def check_prune_depth(cfg) -> None:
+    """`model.student.keep_layers` against the teacher's depth, read from its config alone (no weights)."""
+    spec = cfg.model.student
+    if spec.get("init") != "prune":
+        return
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    teacher = AutoConfig.from_pretrained(cfg.model.teacher.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    keep = spec.keep_layers
+    kept_layers(teacher.num_hidden_layers, OmegaConf.to_container(keep) if OmegaConf.is_config(keep) else keep)
