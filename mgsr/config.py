@@ -86,6 +86,8 @@ def validate(cfg: DictConfig) -> None:
     if seqkd_on and int(seqkd.sampling.max_new_tokens) <= 0:
         raise ConfigError(f"seqkd.sampling.max_new_tokens={seqkd.sampling.max_new_tokens}: must be > 0")
     student = cfg.model.student
+    if student.get("init") not in (None, "prune"):
+        raise ConfigError(f"model.student.init={student.init!r}: use prune, or null (name_or_path or arch decide)")
     prune = student.get("init") == "prune"
     if cfg.model.teacher is not None and (weights["distill_weight"] + weights["span_weight"] > 0 or seqkd_on or prune):
         check_model_source("teacher", cfg.model.teacher)

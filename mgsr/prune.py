@@ -79,6 +79,11 @@ def check_prune_depth(cfg) -> None:
     from omegaconf import OmegaConf
     from transformers import AutoConfig
 
-    teacher = AutoConfig.from_pretrained(cfg.model.teacher.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    name = cfg.model.teacher.name_or_path
+    try:
+        teacher = AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.student.init=prune: cannot read the teacher's config at {name} "
+                          f"({type(e).__name__}); point model.teacher.name_or_path at a model") from None
     keep = spec.keep_layers
     kept_layers(teacher.num_hidden_layers, OmegaConf.to_container(keep) if OmegaConf.is_config(keep) else keep)

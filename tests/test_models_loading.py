@@ -197,3 +197,5 @@ def test_pruned_student_from_a_saved_teacher(saved):
         validate(compose_train(["+model.student.init=prune", "+model.student.keep_layers=2"]))
     with pytest.raises(ConfigError, match="keep_layers=0: give a block count"):
         validate(_cfg(saved, "+model.student.init=prune", "+model.student.keep_layers=0"))
+    with pytest.raises(ConfigError, match="model.student.init='prun': use prune"):
+        validate(_cfg(saved, "+model.student.init=prun"))
