@@ -17,6 +17,11 @@ def _looks_local(name: str) -> bool:
 
 
 def check_model_source(role: str, spec) -> None:
+    from mgsr.sources import gguf_path, is_gguf_source
+
+    if is_gguf_source(spec):
+        gguf_path(spec, role)  # the file (or package) exists, and transformers can read GGUF
+        return
     name = spec.get("name_or_path")
     if name is None:
         if not spec.get("arch"):
@@ -80,9 +85,20 @@ def validate(cfg: DictConfig) -> None:
     seqkd_on = seqkd is not None and bool(seqkd.get("enabled"))
     if seqkd_on and int(seqkd.sampling.max_new_tokens) <= 0:
         raise ConfigError(f"seqkd.sampling.max_new_tokens={seqkd.sampling.max_new_tokens}: must be > 0")
-    if cfg.model.teacher is not None and (weights["distill_weight"] + weights["span_weight"] > 0 or seqkd_on):
+    student = cfg.model.student
+    if student.get("init") not in (None, "prune"):
+        raise ConfigError(f"model.student.init={student.init!r}: use prune, or null (name_or_path or arch decide)")
+    prune = student.get("init") == "prune"
+    if cfg.model.teacher is not None and (weights["distill_weight"] + weights["span_weight"] > 0 or seqkd_on or prune):
         check_model_source("teacher", cfg.model.teacher)
-    check_model_source("student", cfg.model.student)
+    if prune:
+        _check_prune(cfg)
+    else:
+        check_model_source("student", student)
+    from mgsr.data.prompt import PROMPT_FORMATS
+
+    if data.get("prompt_format", "alpaca") not in PROMPT_FORMATS:
+        raise ConfigError(f"data.prompt_format={data.prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}")
 
     tr = cfg.trainer
     strategy = str(tr.get("strategy", "auto"))
@@ -90,6 +106,20 @@ def validate(cfg: DictConfig) -> None:
             and not os.environ.get("WORLD_SIZE"):
         raise ConfigError("trainer.strategy=fsdp on CPU needs a process group: set trainer.devices>=2 "
                           "(gloo) or launch with torchrun")
+
+
+def _check_prune(cfg: DictConfig) -> None:
+    """`model.student.init=prune`: the teacher's pretrained source with fewer blocks (mgsr/prune.py); the count's
+    upper bound is checked against the teacher's config once its source is resolved (check_prune_depth)."""
+    teacher, keep = cfg.model.teacher, cfg.model.student.get("keep_layers")
+    if teacher is None or not teacher.get("name_or_path"):
+        raise ConfigError("model.student.init=prune copies blocks from the teacher's weights: set "
+                          "model.teacher.name_or_path (a pretrained teacher)")
+    keep = OmegaConf.to_container(keep) if OmegaConf.is_config(keep) else keep
+    ok = (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1) or (
+        isinstance(keep, list) and keep and all(isinstance(i, int) and i >= 0 for i in keep))
+    if not ok:
+        raise ConfigError(f"model.student.keep_layers={keep}: give a block count >= 1 or a list of block indices")
 
 
 def _check_switches(cfg: DictConfig, weights: dict) -> None:

@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 @dataclass
@@ -58,6 +59,17 @@ class SamplingConfig:
             if self.top_p < 1.0:
                 procs.append(TopPLogitsWarper(self.top_p))
         return procs
+
+
+# transformers renamed the forward's `past_key_values` argument and output field to `cache`; the old name warns
+# on every call (a FutureWarning per decoded token) and goes in 5.40. Pick the name the installed version
+# declares, once: the rename is library-wide, so the output class answers for every model.
+CACHE_KW = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def model_cache(out) -> DynamicCache:
+    """The KV cache a forward with `use_cache=True` returned."""
+    return getattr(out, CACHE_KW)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -96,11 +108,9 @@ def _decode(model, logits, cache, history, attn, pos, budget, cfg, eos_id, pad_i
             break
         history = torch.cat([history, tok[:, None]], dim=1)
         attn = torch.cat([attn, live.long()[:, None]], dim=1)
-        step_out = model(
-            input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None],
-            past_key_values=cache, use_cache=True,
-        )
-        cache, logits = step_out.past_key_values, step_out.logits[:, -1]
+        step_out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
+                         **{CACHE_KW: cache})
+        cache, logits = model_cache(step_out), step_out.logits[:, -1]
         pos = pos + 1
     if not out:
         empty = torch.empty(bsz, 0, dtype=torch.long, device=logits.device)
@@ -134,7 +144,7 @@ def generate(model, prompt_ids, prompt_mask, cfg: SamplingConfig, *, eos_id: int
     if cfg.max_length is not None:
         budget = torch.minimum(budget, cfg.max_length - prompt_mask.sum(-1))
     resp, valid = _decode(
-        model, out.logits[:, -1], out.past_key_values, prompt_ids, prompt_mask, pos[:, -1] + 1,
+        model, out.logits[:, -1], model_cache(out), prompt_ids, prompt_mask, pos[:, -1] + 1,
         budget, cfg, eos_id, pad_id, generator,
     )
     return _assemble(prompt_ids, prompt_mask, resp, valid)
@@ -201,17 +211,15 @@ def continue_generation(model, seqs: dict, keep: torch.Tensor, cfg: SamplingConf
     block_attn = blk_ok.long() * attn.gather(1, src)  # prompt padding inside the block stays masked
     prefix_attn = torch.cat([cached_attn, block_attn], dim=1)
     pos = position_ids(prefix_attn)
-    out = model(
-        input_ids=block, attention_mask=prefix_attn, position_ids=pos[:, C:],
-        past_key_values=cache if C > 0 else None, use_cache=True,
-    )
+    out = model(input_ids=block, attention_mask=prefix_attn, position_ids=pos[:, C:], use_cache=True,
+                **{CACHE_KW: cache if C > 0 else None})
     # The n-gram ban needs the whole prefix in one matrix; cheap, it is never fed to the model.
     history = torch.cat([_shift_right(ids[:, :C], shift, C, dim=1), block], dim=1)
     budget = torch.where(active, cfg.max_new_tokens - keep, torch.zeros_like(keep))
     last_tok = ids.gather(1, (end - 1)[:, None]).squeeze(1)
     budget = torch.where(last_tok == eos_id, torch.zeros_like(budget), budget)  # a kept EOS ends the row
     new, new_valid = _decode(
-        model, out.logits[:, -1], out.past_key_values, history, prefix_attn, pos[:, -1] + 1,
+        model, out.logits[:, -1], model_cache(out), history, prefix_attn, pos[:, -1] + 1,
         budget, cfg, eos_id, pad_id, generator,
     )
 

@@ -22,6 +22,7 @@ from mgsr.baselines import build_sequence_callback
 from mgsr.callbacks import CostCallback
 from mgsr.config import ConfigError, to_container, validate
 from mgsr.data.datamodule import DOLLY_FILES, DistillDataModule
+from mgsr.data.prompt import format_records, use_prompt_format
 from mgsr.data.synthetic import SYNTHETIC_VERSION, make_synthetic_splits, synthetic_corpus
 from mgsr.data.tokenizer import load_or_build_tokenizer
 from mgsr.evaluation.run import EvalSettings, evaluate_sets
@@ -37,8 +38,10 @@ from mgsr.models import (
     trim_vocab,
 )
 from mgsr.module import DistillModule
+from mgsr.prune import check_prune_depth, prune_layers
 from mgsr.scrg import ScrgConfig
 from mgsr.sft_stage import fine_tune_cached, stable_hash, tokenizer_digest
+from mgsr.sources import resolve_model_sources
 
 log = logging.getLogger("mgsr")
 _hash = stable_hash
@@ -157,6 +160,7 @@ def eval_sets(dm: DistillDataModule, cfg: DictConfig | None = None) -> tuple[dic
         registry = cfg.get("sets") or {}
         loaded = load_eval_sets(OmegaConf.create({"eval_sets": others, "sets": to_container(registry)}))
         sets, labels, skipped = (dict(x) for x in loaded)
+        sets = {k: format_records(v, dm.tokenizer, dm.prompt_format) for k, v in sets.items()}
     out = ({}, {}, {})
     for name in names:  # keep the requested order
         if name == "test":
@@ -171,7 +175,13 @@ def eval_sets(dm: DistillDataModule, cfg: DictConfig | None = None) -> tuple[dic
 # -- models -----------------------------------------------------------------------------------------------------
 def build_student(cfg: DictConfig, tokenizer):
     spec = cfg.model.student
-    if spec.get("name_or_path"):
+    if spec.get("init") == "prune":  # the teacher's (pre-fine-tuning) source with fewer blocks
+        source = load_model(cfg.model.teacher.name_or_path, dtype=spec.dtype,
+                            trust_remote_code=cfg.model.trust_remote_code)
+        keep = spec.keep_layers
+        model = prune_layers(trim_vocab(source, len(tokenizer)),
+                             OmegaConf.to_container(keep) if OmegaConf.is_config(keep) else keep)
+    elif spec.get("name_or_path"):
         model = load_model(spec.name_or_path, dtype=spec.dtype, trust_remote_code=cfg.model.trust_remote_code)
         model = trim_vocab(model, len(tokenizer))
     elif student_init_enabled(cfg):  # the paper's protocol: every method starts from one SFT checkpoint
@@ -208,37 +218,57 @@ def check_teacher_tokenizer(name_or_path: str, tokenizer, *, trust_remote_code: 
         raise ConfigError(str(e)) from None
 
 
-def ensure_teacher(cfg: DictConfig, tokenizer, dm: DistillDataModule):
-    """The frozen teacher. With no `name_or_path`, fine-tune `arch` on the training split with SFT first and
-    cache the result (a second run with the same settings skips that stage)."""
+def _pretrained_teacher(cfg: DictConfig, tokenizer, dtype: str):
     spec = cfg.model.teacher
-    if spec.get("name_or_path"):
-        check_teacher_tokenizer(spec.name_or_path, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
-        teacher = load_model(spec.name_or_path, dtype=spec.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        if spec.get("lora_path"):  # a LoRA-fine-tuned teacher: merge once, then it is a plain frozen model
-            teacher = merge_lora(teacher, spec.lora_path)
-        return freeze(trim_vocab(teacher, len(tokenizer)))
+    teacher = load_model(spec.name_or_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if spec.get("lora_path"):  # a LoRA-fine-tuned teacher: merge once, then it is a plain model
+        teacher = merge_lora(teacher, spec.lora_path)
+    return trim_vocab(teacher, len(tokenizer))
+
+
+def _source_key(name: str):
+    """What identifies a pretrained source in a cache key: a hub name as is; a local directory by its files'
+    names, sizes and mtimes (a GGUF conversion's directory name already holds the file's hash)."""
+    path = Path(os.path.expanduser(name))
+    if not path.is_dir():
+        return name
+    return {"path": str(path.resolve()), "files": sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                                         for f in path.iterdir() if f.is_file())}
+
+
+def ensure_teacher(cfg: DictConfig, tokenizer, dm: DistillDataModule):
+    """The frozen teacher. With no `name_or_path`, fine-tune `arch` on the training split with SFT first; a
+    pretrained teacher is fine-tuned the same way when `teacher_sft.max_steps > 0` (the MiniLLM protocol).
+    The result is cached by what determines it (a second run with the same settings skips that stage)."""
+    spec = cfg.model.teacher
     sft = to_container(cfg.model.teacher_sft)
+    pretrained = bool(spec.get("name_or_path"))
+    if pretrained:
+        check_teacher_tokenizer(spec.name_or_path, tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+        if int(sft.get("max_steps") or 0) <= 0:  # used as given
+            return freeze(_pretrained_teacher(cfg, tokenizer, spec.dtype))
+        build = lambda: _pretrained_teacher(cfg, tokenizer, "float32")  # noqa: E731 - trained in float32
+    else:
+        build = lambda: build_from_config(to_container(spec.arch), tokenizer, seed=sft["seed"])  # noqa: E731
     overrides = {"batch_size": sft["batch_size"]}
     if cfg.data.source != "jsonl":  # the teacher's own corpus: longer, and as clean as teacher_sft says
         overrides |= {"n_train": _teacher_corpus_size(cfg) or cfg.data.n_train,
                       "label_noise": float(sft.get("label_noise") or 0.0)}
     path = fine_tune_cached(
-        teacher_cache_path(cfg, tokenizer), lambda: build_from_config(to_container(spec.arch), tokenizer,
-                                                                          seed=sft["seed"]),
-        tokenizer, build_datamodule(cfg, tokenizer, **overrides), max_steps=sft["max_steps"], lr=sft["lr"],
-        seed=sft["seed"], accelerator=cfg.trainer.accelerator, what="teacher",
-        progress=bool(cfg.trainer.get("enable_progress_bar", True)))
+        teacher_cache_path(cfg, tokenizer), build, tokenizer, build_datamodule(cfg, tokenizer, **overrides),
+        max_steps=sft["max_steps"], lr=sft["lr"], seed=sft["seed"], accelerator=cfg.trainer.accelerator,
+        what="teacher", progress=bool(cfg.trainer.get("enable_progress_bar", True)))
     return freeze(load_model(str(path), dtype=spec.dtype))
 
 
 def teacher_cache_path(cfg: DictConfig, tokenizer) -> Path:
     """Where the fine-tuned tiny teacher lives: keyed on its architecture, its SFT settings, the identity of its
     corpus and the tokenizer, and on nothing else (not the run's batch size, workers or the student's split)."""
-    sft = to_container(cfg.model.teacher_sft)
+    sft, spec = to_container(cfg.model.teacher_sft), cfg.model.teacher
     data = data_identity(cfg, _teacher_corpus_size(cfg), float(sft.get("label_noise") or 0.0))
-    key = _hash({"arch": to_container(cfg.model.teacher.arch), "sft": sft, "data": data,
-                 "tok": tokenizer_digest(tokenizer)})
+    origin = ({"source": _source_key(spec.name_or_path), "lora": spec.get("lora_path")} if spec.get("name_or_path")
+              else {"arch": to_container(spec.arch)})
+    key = _hash({**origin, "sft": sft, "data": data, "tok": tokenizer_digest(tokenizer)})
     return Path(cfg.cache_dir) / f"teacher-{key}"
 
 
@@ -431,12 +461,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     t_start = time.perf_counter()
     resolve_data_path(cfg)  # data.hub: no local copy -> fetched once into the cache
     validate(cfg)  # before anything loads
+    resolve_model_sources(cfg)  # GGUF / packaged weights -> a converted directory in the cache (once)
+    check_prune_depth(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     try:
-        tokenizer = build_tokenizer(cfg)
+        tokenizer = use_prompt_format(build_tokenizer(cfg), cfg.data.get("prompt_format", "alpaca"))
         dm = build_datamodule(cfg, tokenizer)
         dm.setup("fit")
     except ConfigError:
@@ -583,7 +615,15 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
     return EvalSettings(seeds=tuple(e.seeds), batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                         temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
                         no_repeat_ngram_size=e.no_repeat_ngram_size, max_prompt_len=cfg.data.max_prompt_len,
-                        limit=e.limit)
+                        limit=eval_limit(cfg))
+
+
+def eval_limit(cfg: DictConfig) -> int | None:
+    """Prompts per final evaluation set: `eval.limit`, and never more than `data.max_eval_records`, the one
+    knob that bounds every evaluation of a run (it already cuts the dev and test splits, hence validation
+    and exposure bias)."""
+    limits = [int(x) for x in (cfg.eval.get("limit"), cfg.data.get("max_eval_records")) if x]
+    return min(limits) if limits else None
 
 
 def _last_checkpoint(trainer) -> str | None:

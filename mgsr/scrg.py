@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mgsr.generation import SamplingConfig, continue_generation, generate, position_ids
+from mgsr.generation import SamplingConfig, continue_generation, generate, model_cache, position_ids
 from mgsr.losses.divergences import forward_kl, reverse_kl
 
 
@@ -84,7 +84,7 @@ def score(teacher, student, seqs: dict, *, student_cache: bool = True):
     keep = ids.shape[1] - P + 1
     t_out = teacher(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep)
     s_out = student(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=keep, use_cache=student_cache)
-    return t_out.logits[:, :-1].float(), s_out.logits[:, :-1].float(), s_out.past_key_values
+    return t_out.logits[:, :-1].float(), s_out.logits[:, :-1].float(), model_cache(s_out) if student_cache else None
 
 
 def pick_corrections(div: torch.Tensor, candidates: torch.Tensor, cfg: ScrgConfig) -> torch.Tensor:

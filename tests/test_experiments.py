@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import compose_train, require_real_model
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -18,6 +18,7 @@ from mgsr.config import validate
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+REAL = tuple(n for n in EXPERIMENTS if n.startswith("real_"))  # pretrained models: run by tests/test_real_model.py
 OURS = ("mgsr", "ablation_", "incremental", "scrg_")  # the ablation experiments (README: Experiments and ablations); name = stem
 
 # On top of the suite's reduced tiny config (conftest.TINY, whose teacher is fine-tuned once per session):
@@ -63,6 +64,8 @@ def test_the_directory_holds_the_experiments_the_readme_promises():
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_grid_points_compose_and_build(name):
+    if name in REAL:
+        require_real_model()  # validation finds the packaged weights
     grid = _grid(name)
     points = [[]] + [[f"{k}={v}"] for k, vals in grid.items() for v in vals]
     for extra in points:
@@ -97,7 +100,7 @@ def _metric_columns(run_dir: Path) -> set[str]:
     return set((run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(","))
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in REAL])
 def test_experiment_runs_a_few_steps(name, tiny_overrides, tmp_path):
     from mgsr.evaluation.metrics import exact_match, rouge_l
     from mgsr.pipeline import run, uses_student_sequences

@@ -1,18 +1,29 @@
+import inspect
+import warnings
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from mgsr.generation import SamplingConfig, continue_generation, generate
+from mgsr.generation import CACHE_KW, SamplingConfig, continue_generation, generate, model_cache
 
 EOS, PAD = 1, 0
 
 
-@pytest.fixture(scope="module")
-def model():
+def _build(family):
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=EOS,
-                     eos_token_id=EOS)
-    return GPT2LMHeadModel(cfg).eval()
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                          bos_token_id=EOS, eos_token_id=EOS)).eval()
+    # RoPE and grouped-query attention: the cache holds rotated keys for 2 KV heads shared by 4 query heads
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)).eval()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request):
+    return _build(request.param)
 
 
 def _prompts():
@@ -76,7 +87,7 @@ def test_continuation_of_ragged_prefixes_matches_reference(model, use_cache):
     if use_cache:
         out = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
                     position_ids=(seqs["attention_mask"].cumsum(-1) - 1).clamp_min(0), use_cache=True)
-        kwargs = dict(cache=out.past_key_values, cache_valid=keep - 1)
+        kwargs = dict(cache=model_cache(out), cache_valid=keep - 1)
     res = continue_generation(model, spliced, keep, cfg, eos_id=EOS, pad_id=PAD, **kwargs)
     for b in range(3):
         prefix = spliced["input_ids"][b, P:P + keep[b]].tolist()
@@ -102,3 +113,40 @@ def test_inactive_rows_come_back_unchanged(model):
 def test_bad_sampling_config():
     with pytest.raises(ValueError, match="max_new_tokens must be > 0"):
         SamplingConfig(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_cache_api_the_generator_relies_on_exists(family):
+    """If transformers moves the KV cache again, this fails first and says where: the forward must take the
+    cache under CACHE_KW, return a DynamicCache under the same name, and expose per-layer key/value tensors
+    [B, heads, T, d] that `continue_generation` shifts row by row."""
+    model = _build(family)
+    assert CACHE_KW in inspect.signature(model.forward).parameters, f"forward() has no {CACHE_KW!r} argument"
+    ids = torch.tensor([[5, 6, 7]])
+    out = model(input_ids=ids, use_cache=True)
+    cache = model_cache(out)
+    assert isinstance(cache, DynamicCache) and len(cache.layers) == model.config.num_hidden_layers
+    layer = cache.layers[0]
+    assert layer.keys.dim() == 4 and layer.keys.shape[2] == 3 and layer.values.shape == layer.keys.shape
+    step = model(input_ids=torch.tensor([[8]]), use_cache=True, **{CACHE_KW: cache})
+    assert model_cache(step).layers[0].keys.shape[2] == 4  # the passed cache was extended, not replaced
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoding_emits_no_cache_deprecation_warning(family, caplog):
+    from transformers.utils import logging as hf_logging
+
+    model = _build(family)
+    ids, mask = _prompts()
+    getattr(hf_logging.get_logger("transformers").warning_once, "cache_clear", lambda: None)()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seqs = generate(model, ids, mask, SamplingConfig(max_new_tokens=6), eos_id=EOS, pad_id=PAD,
+                        generator=torch.Generator().manual_seed(0))
+        out = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"], use_cache=True)
+        continue_generation(model, seqs, torch.tensor([1, 2, 1]), SamplingConfig(max_new_tokens=6, greedy=True),
+                            eos_id=EOS, pad_id=PAD, cache=model_cache(out), cache_valid=torch.tensor([0, 1, 0]))
+    cache_warnings = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                      and ("past_key_values" in str(w.message) or "cache" in str(w.message))]
+    assert not cache_warnings, cache_warnings
+    assert "past_key_values" not in caplog.text

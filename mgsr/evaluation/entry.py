@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mgsr.config import ConfigError, to_container
+from mgsr.data.prompt import format_records, use_prompt_format
 from mgsr.evaluation.run import EvalSettings, evaluate_sets
 from mgsr.evaluation.tables import markdown_table
 from mgsr.models import is_hf_dir, load_model, load_tokenizer
@@ -143,6 +144,12 @@ def evaluate_from_config(cfg: DictConfig, out_dir: Path, log=print) -> dict:
     run_data = run_cfg.get("data") if run_cfg is not None else None
     sets, labels, skipped = load_eval_sets(cfg, run_data, run_source)  # bad paths fail here, before the model loads
     model, tokenizer = resolve_model(cfg)
+    fmt = cfg.get("prompt_format", "alpaca")
+    try:  # chat: the tokenizer's template and end-of-turn EOS, as the model was trained (mgsr.data.prompt)
+        use_prompt_format(tokenizer, fmt)
+        sets = {name: format_records(records, tokenizer, fmt) for name, records in sets.items()}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto"
                                                                                  else cfg.device)
     model.to(device)
