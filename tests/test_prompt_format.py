@@ -5,7 +5,7 @@ every training target and stops generation. Offline: a small BPE given SmolLM2's
 import json
 
 import pytest
-from conftest import SHARED, compose_train
+from conftest import REPO, SHARED, compose_train
 from omegaconf import open_dict
 
 from mgsr.config import ConfigError
@@ -101,3 +101,21 @@ def test_chat_format_with_a_tokenizer_without_template_is_one_config_error(tmp_p
     with pytest.raises(ConfigError, match="data.prompt_format='markdown': choose one of alpaca, chat"):
         validate(cfg)
     assert not list((tmp_path / "run").glob("checkpoints/*"))
+
+
+def test_evaluate_py_applies_the_chat_format(chat_tok, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from mgsr.evaluation.entry import evaluate_from_config
+
+    model_dir = tmp_path / "model"
+    build_from_config({"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 256}, chat_tok).save_pretrained(model_dir)
+    chat_tok.save_pretrained(model_dir)
+    data = tmp_path / "set.jsonl"
+    data.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "Red."}) + "\n")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"model_path={model_dir}", "eval_sets=[mine]", f"+sets.mine={{path: {data}}}",
+                                             "seeds=[10]", "max_new_tokens=2", "device=cpu", "prompt_format=chat"])
+    res = evaluate_from_config(cfg, tmp_path / "out", log=lambda *_: None)
+    assert res["samples"]["mine"][0]["prompt"].endswith("<|im_start|>user\nName a colour.<|im_end|>\n"
+                                                          "<|im_start|>assistant\n")
