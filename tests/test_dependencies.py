@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = [*REPO.glob("mgsr/**/*.py"), *REPO.glob("bench/*.py"), REPO / "train.py", REPO / "evaluate.py"]
+SOURCES = [*REPO.glob("mgsr/**/*.py"), *REPO.glob("bench/*.py"), REPO / "train.py", REPO / "evaluate.py",
+           REPO / "compare.py"]
 # distribution name -> import name, where they differ
 IMPORT_NAME = {"hydra-core": "hydra", "rouge-score": "rouge_score"}
-# needed without an import of ours: Lightning's RichProgressBar (pipeline.build_trainer) imports rich
-INDIRECT = {"rich"}
+# needed without an import of ours: Lightning's RichProgressBar (pipeline.build_trainer) imports rich;
+# transformers' `gguf_file=` loading (mgsr/sources.py) imports gguf
+INDIRECT = {"rich", "gguf"}
 
 
 def _imported_top_levels() -> set[str]:
