@@ -109,6 +109,13 @@ def test_experiment_runs_a_few_steps(name, tiny_overrides, tmp_path):
     results = run(cfg, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["name"] == cfg.name
+    if name.startswith("reference_"):  # evaluated, not trained: no steps, no checkpoints, scores of its samples
+        assert saved["eval_only"] == cfg.eval_only and "train_cost" not in saved
+        assert not (tmp_path / "checkpoints").exists()
+        samples = saved["eval"]["samples"]["test"]
+        assert saved["eval"]["per_seed"]["test"]["10"]["rougeL"] == pytest.approx(
+            rouge_l([x["prediction"] for x in samples], [x["references"] for x in samples]))
+        return
     assert saved["train_cost"]["s_per_step"] > 0
     # the experiment's switches reached training: each active loss logged its own group, an inactive one none
     cols = _metric_columns(tmp_path)
