@@ -30,7 +30,7 @@ from mgsr.config import to_container  # noqa: E402
 
 PER_RANK_BATCH, STEPS = 4, 3
 DDP_OVERRIDES = [
-    "loss=sft", "data.n_train=64", "data.n_val=8", "data.n_test=8", f"trainer.max_steps={STEPS}",
+    "loss=sft", "data.n_train=64", "model.student_init.max_steps=2", "model.teacher_sft.n_train=64", "data.n_val=8", "data.n_test=8", f"trainer.max_steps={STEPS}",
     "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "val_generate=2", "eval.seeds=[10]",
     "eval.limit=2", "eval.max_new_tokens=4", "eval.exposure_bias=false", "logger=csv",
     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",

@@ -163,7 +163,7 @@ def test_train_on_dolly_subset_and_evaluate_named_sets(tmp_path, tiny_dolly, cac
     MGSR steps, final evaluation on named real sets with their labels; the malformed row is counted."""
     cfg = compose_train([
         "data=dolly", f"data.path={tiny_dolly}", f"cache_dir={cache_dir}", "data.tokenizer_vocab_size=2000",
-        "data.max_len=144", "data.max_prompt_len=128", "data.batch_size=4", "model.teacher_sft.max_steps=2",
+        "data.max_len=144", "data.max_prompt_len=128", "data.batch_size=4", "model.teacher_sft.max_steps=2", "model.student_init.max_steps=2",
         "model.teacher_sft.batch_size=4",
         "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "val_generate=2",
         "eval.sets=[dolly,uinst]", "eval.seeds=[10]", "eval.limit=2", "eval.max_new_tokens=4",
