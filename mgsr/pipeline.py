@@ -44,7 +44,6 @@ from mgsr.sft_stage import fine_tune_cached, stable_hash, tokenizer_digest
 from mgsr.sources import resolve_model_sources
 
 log = logging.getLogger("mgsr")
-_hash = stable_hash
 
 
 # -- tokenizer and data ------------------------------------------------------------------------------------------
@@ -59,11 +58,11 @@ def build_tokenizer(cfg: DictConfig):
     vocab = int(cfg.data.get("tokenizer_vocab_size") or spec.vocab_size)
     if cfg.data.source == "jsonl":
         train_file = _train_file(cfg)
-        key = _hash({"vocab": vocab, "source": "jsonl", "train": _file_digest(train_file)})
+        key = stable_hash({"vocab": vocab, "source": "jsonl", "train": _file_digest(train_file)})
         texts = lambda: _jsonl_corpus(train_file)  # noqa: E731
     else:  # the teacher's corpus is a superset of the run's split: one tokenizer covers both
         n = max(int(cfg.data.n_train), _teacher_corpus_size(cfg) or 0)
-        key = _hash({"vocab": vocab, "data_seed": cfg.data.seed, "n_train": n, "generator": SYNTHETIC_VERSION})
+        key = stable_hash({"vocab": vocab, "data_seed": cfg.data.seed, "n_train": n, "generator": SYNTHETIC_VERSION})
         texts = lambda: synthetic_corpus(make_synthetic_splits(cfg.data.seed, n, 0, 0)["train"])  # noqa: E731
     return load_or_build_tokenizer(str(Path(cfg.cache_dir) / f"tokenizer-{key}"), texts, vocab)
 
@@ -268,7 +267,7 @@ def teacher_cache_path(cfg: DictConfig, tokenizer) -> Path:
     data = data_identity(cfg, _teacher_corpus_size(cfg), float(sft.get("label_noise") or 0.0))
     origin = ({"source": _source_key(spec.name_or_path), "lora": spec.get("lora_path")} if spec.get("name_or_path")
               else {"arch": to_container(spec.arch)})
-    key = _hash({**origin, "sft": sft, "data": data, "tok": tokenizer_digest(tokenizer)})
+    key = stable_hash({**origin, "sft": sft, "data": data, "tok": tokenizer_digest(tokenizer)})
     return Path(cfg.cache_dir) / f"teacher-{key}"
 
 
@@ -279,7 +278,7 @@ def student_init_enabled(cfg: DictConfig) -> bool:
 
 def student_init_path(cfg: DictConfig, tokenizer) -> Path:
     init = to_container(cfg.model.student_init)
-    key = _hash({"arch": to_container(cfg.model.student.arch), "init": {k: v for k, v in init.items() if k != "enabled"},
+    key = stable_hash({"arch": to_container(cfg.model.student.arch), "init": {k: v for k, v in init.items() if k != "enabled"},
                  "data": data_identity(cfg), "tok": tokenizer_digest(tokenizer)})
     return Path(cfg.cache_dir) / f"student-sft-{key}"
 

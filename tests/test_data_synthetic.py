@@ -18,8 +18,12 @@ from mgsr.data.datamodule import (
     FeatureDataset,
     ResumableDataLoader,
 )
-from mgsr.data.synthetic import build_prompt  # the synthetic task's short template
-from mgsr.data.synthetic import FAMILIES, make_synthetic_splits, synthetic_corpus
+from mgsr.data.synthetic import (
+    FAMILIES,
+    build_prompt,  # the synthetic task's short template
+    make_synthetic_splits,
+    synthetic_corpus,
+)
 from mgsr.data.tokenizer import build_tokenizer
 
 
