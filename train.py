@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mgsr.config import ConfigError
+from mgsr.config import ConfigError, renamed_override
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -35,4 +35,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if (moved := renamed_override(sys.argv[1:])) is not None:  # Hydra would only say "no match in the defaults list"
+        print("error: " + moved, file=sys.stderr)
+        sys.exit(2)
     main()

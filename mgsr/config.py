@@ -46,19 +46,8 @@ def validate(cfg: DictConfig) -> None:
     for part in ("distill", "span"):
         if weights[f"{part}_weight"] > 0 and loss.get(part) is None:
             raise ConfigError(f"loss.{part}_weight > 0 but loss.{part} is null: choose a loss group that defines it")
-    d = loss.get("distill")
-    if d is not None and d.get("head") == "fixed":
-        lo, hi = float(d.lower), float(d.upper)
-        if not (0.0 <= lo < hi <= 1.0):
-            raise ConfigError(f"loss.distill: quantiles must satisfy 0 <= lower < upper <= 1, got lower={lo}, "
-                              f"upper={hi}")
-    if d is not None and d.get("head") == "learnable":
-        for key in ("lower_range", "upper_range"):
-            a, b = (float(x) for x in d[key])
-            if not (0.0 <= a < b <= 1.0):
-                raise ConfigError(f"loss.distill.{key}={[a, b]}: need 0 <= low < high <= 1")
-        if float(d.lower_range[1]) > float(d.upper_range[0]):
-            raise ConfigError("loss.distill: lower_range must lie below upper_range (lower quantile < upper)")
+        if weights[f"{part}_weight"] > 0:
+            check_loss_node(loss[part], f"loss.{part}")
 
     s = cfg.scrg
     if int(s.every_n_steps) <= 0:
@@ -122,28 +111,29 @@ def _check_prune(cfg: DictConfig) -> None:
         raise ConfigError(f"model.student.keep_layers={keep}: give a block count >= 1 or a list of block indices")
 
 
-def _check_switches(cfg: DictConfig, weights: dict) -> None:
-    """Named options and ranges that the loss objects, ScrgConfig and SamplingConfig would otherwise reject only
-    after the teacher has loaded."""
-    from mgsr.generation import SamplingConfig
-    from mgsr.losses.divergences import DIVERGENCES
-    from mgsr.scrg import ScrgConfig
+def check_loss_node(node, where: str) -> None:
+    """A loss option (`_target_` + parameters) checked by its own class's static `check` (mgsr/objectives.py),
+    the rule the constructor applies, without building it."""
+    from hydra.utils import get_class
 
-    d = cfg.loss.get("distill")
-    target = str(d.get("_target_", "")) if d is not None and weights["distill_weight"] > 0 else ""
-    if target.endswith("Divergence") and d.get("name", "fkl") not in DIVERGENCES:
-        raise ConfigError(f"loss.distill.name={d.name!r}: unknown divergence; choose one of {', '.join(DIVERGENCES)}")
-    if target.endswith("DacKl"):
-        for key, allowed in (("head", ("learnable", "fixed")), ("band", ("mass", "logprob", "off")),
-                             ("remainder", ("merge", "drop"))):
-            if key in d and d[key] not in allowed:
-                raise ConfigError(f"loss.distill.{key}={d[key]!r}: choose one of {', '.join(allowed)}")
-        if float(d.get("kappa", 1.0)) <= 0 or float(d.get("beta", 0.0)) < 0:
-            raise ConfigError(f"loss.distill: need kappa > 0 and beta >= 0, got kappa={d.get('kappa')}, "
-                              f"beta={d.get('beta')}")
-    span = cfg.loss.get("span")
-    if span is not None and weights["span_weight"] > 0 and span.get("relation", "hadamard") not in ("hadamard", "cosine"):
-        raise ConfigError(f"loss.span.relation={span.relation!r}: choose hadamard or cosine")
+    params = {k: v for k, v in to_container(node).items() if not k.startswith("_")}
+    try:
+        cls = get_class(node._target_)
+    except Exception as e:  # noqa: BLE001 - a typo in _target_: say which node
+        raise ConfigError(f"{where}._target_={node.get('_target_')!r}: not importable ({e})") from None
+    check = getattr(cls, "check", None)
+    if check is not None:
+        try:
+            check(**params)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+
+
+def _check_switches(cfg: DictConfig, weights: dict) -> None:
+    """Named options and ranges that ScrgConfig and SamplingConfig would otherwise reject only after the teacher
+    has loaded."""
+    from mgsr.generation import SamplingConfig
+    from mgsr.scrg import ScrgConfig
 
     s = cfg.scrg
     try:
@@ -164,3 +154,29 @@ def _check_switches(cfg: DictConfig, weights: dict) -> None:
 
 def to_container(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+# Override groups that were folded into `loss/distill` (one way to choose a loss): old name -> new option name.
+_OLD_DIVERGENCE_LOSSES = ("fkl", "rkl", "skl", "jsd", "tvd", "sfkl", "srkl", "akl")
+_RENAMED = {
+    "distill": lambda v: v,
+    "clip": lambda v: "dac_kl" if v == "learnable" else f"dac_kl_{v}",
+    "dac": lambda v: "dac_kl" if v == "full" else f"dac_kl_{v}",
+}
+
+
+def renamed_override(args) -> str | None:
+    """The one-line message for a command-line override of a removed config group (`distill=`, `clip=`, `dac=`,
+    `loss=<divergence>`), naming the override that replaces it; None when there is none."""
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep:
+            continue
+        values = value.split(",")
+        if key in _RENAMED:
+            new = ",".join(_RENAMED[key](v) for v in values)
+            return f"{arg}: the {key} group was folded into loss/distill; use loss/distill={new}"
+        if key == "loss" and any(v in _OLD_DIVERGENCE_LOSSES for v in values):
+            return (f"{arg}: pure distillation with a divergence is now loss=distill_only loss/distill={value} "
+                    "(loss= chooses the objective: mgsr, kd, sft, distill_only)")
+    return None

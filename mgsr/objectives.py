@@ -1,6 +1,9 @@
 """Loss objects the module composes (built by Hydra from conf/loss). They hold parameters and switches;
 the math lives in the pure functions of `mgsr.losses`.
 
+Each class's static `check(**params)` raises a ValueError naming the config key to change; config validation
+calls it before any model loads, the constructor calls it too (one place for each rule).
+
 Each `forward(teacher_logits, student_logits, mask)` takes aligned [B, T, V] logits and a [B, T] response
 mask and returns `(loss, logs)`, logs being floats for the metric group named by `group`.
 """
@@ -10,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mgsr.losses.dac_kl import FixedQuantileHead, QuantileHead, dac_kl_loss
-from mgsr.losses.divergences import DIVERGENCES, divergence_loss, forward_kl
-from mgsr.losses.span import span_correlation_loss
+from mgsr.losses.dac_kl import BANDS, REMAINDERS, FixedQuantileHead, QuantileHead, dac_kl_loss
+from mgsr.losses.divergences import check_divergence, divergence_loss, forward_kl
+from mgsr.losses.span import RELATIONS, span_correlation_loss
 from mgsr.spans import SpanExtractor
 
 
@@ -26,22 +29,36 @@ class DacKl(nn.Module):
                  remainder: str = "merge", band: str = "mass", target_class: bool = True, beta: float = 1.0,
                  lr: float | None = None):
         super().__init__()
-        if head not in ("learnable", "fixed"):
-            raise ValueError(f"loss.distill.head must be learnable|fixed, got {head!r}")
-        if remainder not in ("merge", "drop"):
-            raise ValueError(f"loss.distill.remainder must be merge|drop, got {remainder!r}")
-        if band not in ("mass", "logprob", "off"):
-            raise ValueError(f"loss.distill.band must be mass|logprob|off, got {band!r}")
-        if band == "off" and not target_class:
-            raise ValueError("loss.distill: band=off with target_class=false keeps no class; enable one of them")
-        if beta < 0:
-            raise ValueError(f"loss.distill.beta must be >= 0, got {beta}")
+        self.check(head=head, lower=lower, upper=upper, lower_range=lower_range, upper_range=upper_range,
+                   kappa=kappa, remainder=remainder, band=band, target_class=target_class, beta=beta)
         self.head = (QuantileHead(top_k=top_k, hidden=hidden, lower_range=tuple(lower_range),
                                   upper_range=tuple(upper_range))
                      if head == "learnable" else FixedQuantileHead(lower, upper))
         self.kw = dict(kappa=kappa, remainder=remainder, band=band, target_class=target_class, beta=beta,
                        hard=head == "fixed")
         self.lr = lr  # own learning rate for f_sub (None: the student's)
+
+    @staticmethod
+    def check(*, head="learnable", lower=0.2, upper=0.8, lower_range=(0.0, 0.3), upper_range=(0.7, 1.0),
+              kappa=50.0, remainder="merge", band="mass", target_class=True, beta=1.0, **_) -> None:
+        """ValueError naming the key to change (config validation calls this before any model loads)."""
+        for key, value, allowed in (("head", head, ("learnable", "fixed")), ("band", band, BANDS),
+                                    ("remainder", remainder, REMAINDERS)):
+            if value not in allowed:
+                raise ValueError(f"loss.distill.{key}={value!r}: choose one of {', '.join(allowed)}")
+        if band == "off" and not target_class:
+            raise ValueError("loss.distill: band=off with target_class=false keeps no class; enable one of them")
+        if float(kappa) <= 0 or float(beta) < 0:
+            raise ValueError(f"loss.distill: need kappa > 0 and beta >= 0, got kappa={kappa}, beta={beta}")
+        if head == "fixed" and not 0.0 <= float(lower) < float(upper) <= 1.0:
+            raise ValueError(f"loss.distill: quantiles must satisfy 0 <= lower < upper <= 1, got lower={lower}, "
+                             f"upper={upper}")
+        if head == "learnable":
+            for key, (a, b) in (("lower_range", lower_range), ("upper_range", upper_range)):
+                if not 0.0 <= float(a) < float(b) <= 1.0:
+                    raise ValueError(f"loss.distill.{key}={[float(a), float(b)]}: need 0 <= low < high <= 1")
+            if float(lower_range[1]) > float(upper_range[0]):
+                raise ValueError("loss.distill: lower_range must lie below upper_range (lower quantile < upper)")
 
     def forward(self, teacher_logits, student_logits, mask):
         lower, upper = self.head(teacher_logits.detach())
@@ -58,9 +75,12 @@ class Divergence(nn.Module):
 
     def __init__(self, name: str = "fkl", **params):
         super().__init__()
-        if name not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {name!r}; choose one of: {', '.join(sorted(DIVERGENCES))}")
+        self.check(name=name, **params)
         self.name, self.params = name, params
+
+    @staticmethod
+    def check(*, name: str = "fkl", **params) -> None:
+        check_divergence(name, params)
 
     def forward(self, teacher_logits, student_logits, mask):
         loss = divergence_loss(self.name, teacher_logits, student_logits, mask, **self.params)
@@ -80,10 +100,14 @@ class SpanCorrelation(nn.Module):
     def __init__(self, relation: str = "hadamard", chunk_size: int = 64, nltk_data: str | None = None,
                  use_nltk: bool = True, min_tokens: int = 2):
         super().__init__()
-        if relation not in ("hadamard", "cosine"):
-            raise ValueError(f"loss.span.relation must be hadamard|cosine, got {relation!r}")
+        self.check(relation=relation)
         self.relation, self.chunk_size = relation, chunk_size
         self.extractor = SpanExtractor(nltk_data, min_tokens=min_tokens, use_nltk=use_nltk)
+
+    @staticmethod
+    def check(*, relation: str = "hadamard", **_) -> None:
+        if relation not in RELATIONS:
+            raise ValueError(f"loss.span.relation={relation!r}: choose {' or '.join(RELATIONS)}")
 
     def forward(self, teacher_logits, student_logits, mask, *, tokenizer, response_ids):
         pair_mask = self.extractor.pair_mask(tokenizer, response_ids, mask).to(mask.device)

@@ -2,7 +2,7 @@
 
 One round on a batch of student rollouts (canonical layout):
   score     one teacher and one student forward give p_i, q_i at every response position
-  pick      teacher token y^t_i = argmax p_i [ours] (or a sample); d_i = KL(p_i || q_i) [ours] (or KL(q||p));
+  pick      teacher token y^t_i = argmax p_i [ours] (or a sample); d_i = KL(p_i || q_i) [ours] (or any registered divergence);
             candidates C = {i : y^s_i != y^t_i}; single mode: j = argmax_{i in C} d_i;
             multi mode: every i in C with d_i above a fixed or per-sequence adaptive threshold (capped)
   splice    put y^t at the picked positions, keep the tokens before the last one, drop the rest
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mgsr.generation import SamplingConfig, continue_generation, generate, model_cache, position_ids
-from mgsr.losses.divergences import forward_kl, reverse_kl
+from mgsr.losses.divergences import DIVERGENCES
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ScrgConfig:
     rounds: int = 1                    # 0 = plain student generation
     mode: str = "single"               # single | multi
     teacher_token: str = "argmax"      # argmax | sample  [ours: argmax]
-    divergence: str = "fkl"            # fkl | rkl        [ours: fkl]
+    divergence: str = "fkl"            # any registered divergence, e.g. fkl | rkl  [ours: fkl]
     threshold_mode: str = "fixed"      # multi mode: fixed (d_i > threshold) | adaptive (d_i > q-quantile)
     threshold: float = 0.8             # nats, fixed mode
     quantile: float = 0.8              # adaptive mode
@@ -36,7 +36,8 @@ class ScrgConfig:
             (self.mode in ("single", "multi"), f"scrg.mode must be single|multi, got {self.mode!r}"),
             (self.teacher_token in ("argmax", "sample"),
              f"scrg.teacher_token must be argmax|sample, got {self.teacher_token!r}"),
-            (self.divergence in ("fkl", "rkl"), f"scrg.divergence must be fkl|rkl, got {self.divergence!r}"),
+            (self.divergence in DIVERGENCES, f"scrg.divergence={self.divergence!r}: unknown divergence; choose one "
+                                              f"of {', '.join(sorted(DIVERGENCES))}"),
             (self.threshold_mode in ("fixed", "adaptive"),
              f"scrg.threshold_mode must be fixed|adaptive, got {self.threshold_mode!r}"),
             (0.0 < self.quantile < 1.0, f"scrg.quantile must be in (0, 1), got {self.quantile}"),
@@ -73,8 +74,9 @@ class RevisionStats:
 
 
 def token_divergence(teacher_logits, student_logits, kind: str) -> torch.Tensor:
-    """Per-position divergence [B, R] used to rank error candidates."""
-    return forward_kl(teacher_logits, student_logits) if kind == "fkl" else reverse_kl(teacher_logits, student_logits)
+    """Per-position divergence [B, R] used to rank error candidates: any registered divergence, at its default
+    parameters (mgsr.losses.divergences.DIVERGENCES)."""
+    return DIVERGENCES[kind](teacher_logits, student_logits)
 
 
 def score(teacher, student, seqs: dict, *, student_cache: bool = True):

@@ -47,7 +47,7 @@ MASK = torch.ones(2, 6, dtype=torch.bool)
 # -- DAC-KL: fixed clip, both readings, literal, components, divergences ----------------------------------------
 def test_fixed_clip_has_no_parameters_and_uses_the_configured_pair():
     learn = instantiate(cfg_of("+experiment=mgsr").loss.distill)
-    fixed = instantiate(cfg_of("+experiment=ablation_fixed_clip", "clip=q30_70").loss.distill)
+    fixed = instantiate(cfg_of("+experiment=ablation_fixed_clip", "loss/distill=dac_kl_q30_70").loss.distill)
     assert sum(p.numel() for p in learn.parameters()) > 0
     assert list(fixed.parameters()) == []
     _, logs = fixed(_logits(0), _logits(1), MASK)
@@ -59,14 +59,14 @@ def test_clip_pairs_give_different_bands():
     t, s = _logits(0), _logits(1)
     kept = {}
     for option in ("q30_70", "q05_95"):
-        _, logs = instantiate(cfg_of("+experiment=ablation_fixed_clip", f"clip={option}").loss.distill)(t, s, MASK)
+        _, logs = instantiate(cfg_of("+experiment=ablation_fixed_clip", f"loss/distill=dac_kl_{option}").loss.distill)(t, s, MASK)
         kept[option] = logs["kept"]
     assert kept["q05_95"] > kept["q30_70"]  # the wider mass band keeps more classes
 
 
 def test_the_two_fixed_readings_differ():
-    mass = instantiate(cfg_of("+experiment=ablation_fixed_clip", "clip=q10_90").loss.distill)
-    logprob = instantiate(cfg_of("+experiment=ablation_fixed_clip_logprob", "clip=q10_90").loss.distill)
+    mass = instantiate(cfg_of("+experiment=ablation_fixed_clip", "loss/distill=dac_kl_q10_90").loss.distill)
+    logprob = instantiate(cfg_of("+experiment=ablation_fixed_clip_logprob", "loss/distill=dac_kl_q10_90").loss.distill)
     assert (mass.kw["band"], logprob.kw["band"]) == ("mass", "logprob")
     t, s = _logits(0), _logits(1)
     (l_m, logs_m), (l_l, logs_l) = mass(t, s, MASK), logprob(t, s, MASK)
@@ -76,7 +76,7 @@ def test_the_two_fixed_readings_differ():
 
 
 def test_dac_literal_drops_the_coverage_term_and_the_remainder():
-    full = instantiate(cfg_of("+experiment=ablation_dac_literal", "dac=full").loss.distill)
+    full = instantiate(cfg_of("+experiment=ablation_dac_literal", "loss/distill=dac_kl").loss.distill)
     literal = instantiate(cfg_of("+experiment=ablation_dac_literal").loss.distill)
     assert literal.kw["beta"] == 0.0 and literal.kw["remainder"] == "drop"
     t, s = _logits(0), _logits(1)
@@ -90,9 +90,9 @@ def test_dac_literal_drops_the_coverage_term_and_the_remainder():
 
 def test_dac_components_switch_band_and_target():
     t, s = _logits(0), _logits(1)
-    _, full = instantiate(cfg_of("+experiment=ablation_dac_components", "dac=full").loss.distill)(t, s, MASK)
+    _, full = instantiate(cfg_of("+experiment=ablation_dac_components", "loss/distill=dac_kl").loss.distill)(t, s, MASK)
     _, no_band = instantiate(cfg_of("+experiment=ablation_dac_components").loss.distill)(t, s, MASK)
-    d_nt = instantiate(cfg_of("+experiment=ablation_dac_components", "dac=no_target").loss.distill)
+    d_nt = instantiate(cfg_of("+experiment=ablation_dac_components", "loss/distill=dac_kl_no_target").loss.distill)
     assert no_band["kept"] == pytest.approx(1.0)  # only the target class k*
     top1 = torch.softmax(t, -1).max(-1).values.mean().item()
     assert no_band["coverage"] == pytest.approx(top1, rel=1e-5)
@@ -109,18 +109,18 @@ def test_no_dac_uses_plain_forward_kl():
     p, lq = torch.softmax(t, -1), torch.log_softmax(s, -1)
     ref = (p * (torch.log(p) - lq)).sum(-1).mean()
     assert float(d(t, s, MASK)[0]) == pytest.approx(float(ref), rel=1e-5)
-    assert isinstance(instantiate(cfg_of("+experiment=ablation_no_dac", "distill=dac_kl").loss.distill), DacKl)
+    assert isinstance(instantiate(cfg_of("+experiment=ablation_no_dac", "loss/distill=dac_kl").loss.distill), DacKl)
 
 
 def test_divergence_ablation_swaps_each_divergence_in():
     t, s = _logits(0), _logits(1)
     values = {}
     for name in ("fkl", "rkl", "skl", "jsd", "tvd", "sfkl", "srkl"):
-        d = instantiate(cfg_of("+experiment=ablation_divergence", f"distill={name}").loss.distill)
+        d = instantiate(cfg_of("+experiment=ablation_divergence", f"loss/distill={name}").loss.distill)
         assert isinstance(d, Divergence) and d.name == name
         values[name] = float(d(t, s, MASK)[0])
     assert len({round(v, 6) for v in values.values()}) == len(values)  # all different losses
-    cfg = cfg_of("+experiment=ablation_divergence", "distill=skl")
+    cfg = cfg_of("+experiment=ablation_divergence", "loss/distill=skl")
     assert cfg.loss.distill.lam == 0.9 and "head" not in cfg.loss.distill  # replaced, not merged into DAC-KL
 
 

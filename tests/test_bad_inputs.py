@@ -32,7 +32,8 @@ BAD_CONFIGS = [
     ("eval-max-new-tokens-negative", ["eval.max_new_tokens=-1"], "eval.max_new_tokens=-1: must be > 0"),
     ("scrg-every-n-steps-0", ["scrg.every_n_steps=0"], "scrg.every_n_steps=0: must be >= 1"),
     ("unknown-divergence", ["loss=kd", "loss.distill.name=kl2"], "loss.distill.name='kl2': unknown divergence"),
-    ("unknown-scrg-divergence", ["scrg.divergence=js"], "scrg.divergence must be fkl|rkl, got 'js'"),
+    ("unknown-scrg-divergence", ["scrg.divergence=js"], "scrg.divergence='js': unknown divergence; choose one of"),
+    ("unknown-divergence-parameter", ["loss=kd", "+loss.distill.beta=0.5"], "loss.distill: fkl has no parameter beta"),
     ("unknown-scrg-mode", ["scrg.mode=all"], "scrg.mode must be single|multi, got 'all'"),
     ("scrg-quantile-outside-0-1", ["scrg.quantile=1.5"], "scrg.quantile must be in (0, 1), got 1.5"),
     ("scrg-student-prob-outside-0-1", ["scrg.student_prob=1.5"], "scrg.student_prob=1.5: must be in [0, 1]"),
@@ -71,6 +72,28 @@ def test_unknown_config_group_option_is_named(override, missing):
 
     with pytest.raises(MissingConfigException, match=f"Could not find '{missing}'"):
         compose_train([override])
+
+
+@pytest.mark.parametrize(("override", "new"), [
+    ("distill=jsd", "loss/distill=jsd"), ("+distill=fkl", "loss/distill=fkl"),
+    ("clip=q10_90,learnable", "loss/distill=dac_kl_q10_90,dac_kl"), ("dac=full", "loss/distill=dac_kl"),
+    ("dac=no_band", "loss/distill=dac_kl_no_band"), ("loss=jsd", "loss=distill_only loss/distill=jsd"),
+])
+def test_removed_loss_groups_name_their_replacement(override, new):
+    from mgsr.config import renamed_override
+
+    msg = renamed_override(["seed=1", override])
+    assert msg is not None and new in msg and "\n" not in msg
+    for option in new.split()[-1].split("=")[1].split(","):  # each named replacement composes
+        compose_train([*new.split()[:-1], f"loss/distill={option}"])
+    assert renamed_override(["loss=kd", "loss/distill=jsd", "scrg.divergence=rkl"]) is None
+
+
+def test_removed_loss_group_fails_in_one_line_through_train_py(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "distill=jsd"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: distill=jsd: the distill group was folded into loss/distill; use loss/distill=jsd"]
 
 
 def _train(tmp_path, *overrides):

@@ -200,7 +200,7 @@ def test_divergence_loss_groups_log_true_kl():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
     true_fkl = float((forward_kl(t, s) * mask).sum() / mask.sum())
     for name in DIVERGENCES:
-        cfg = compose_train([f"loss={name}"])
+        cfg = compose_train(["loss=distill_only", f"loss/distill={name}"])
         assert cfg.loss.sft_weight == 0.0 and cfg.loss.distill_weight == 1.0 and cfg.loss.span is None
         loss, logs = instantiate(cfg.loss.distill)(t, s, mask)
         assert torch.isfinite(loss) and logs["fkl"] == pytest.approx(true_fkl, rel=1e-5)

@@ -192,8 +192,33 @@ def test_akl_weights_follow_head_tail_gaps() -> None:
 
 def test_unknown_name_raises() -> None:
     t = _logits(0)
-    with pytest.raises(ValueError, match="unknown divergence 'nope'; choose one of: fkl, rkl"):
+    with pytest.raises(ValueError, match="name='nope': unknown divergence; choose one of akl, fkl, jsd, rkl"):
         divergence_loss("nope", t, t, torch.ones(B, T, dtype=torch.bool))
+    with pytest.raises(ValueError, match="jsd has no parameter alpha .it takes: beta."):
+        divergence_loss("jsd", t, t, torch.ones(B, T, dtype=torch.bool), alpha=0.1)
+
+
+def test_registering_a_divergence_makes_it_available_everywhere_by_name() -> None:
+    from mgsr.losses.divergences import DIVERGENCES, divergence_params, register_divergence
+    from mgsr.objectives import Divergence
+    from mgsr.scrg import ScrgConfig, token_divergence
+
+    @register_divergence("_test_half_fkl")
+    def half_fkl(teacher_logits, student_logits, scale: float = 0.5):
+        return scale * forward_kl(teacher_logits, student_logits)
+
+    try:
+        t, s = _logits(0), _logits(1)
+        mask = torch.ones(B, T, dtype=torch.bool)
+        assert divergence_params("_test_half_fkl") == {"scale": 0.5}
+        loss, _ = Divergence("_test_half_fkl", scale=1.0)(t, s, mask)
+        torch.testing.assert_close(loss, divergence_loss("fkl", t, s, mask))
+        ScrgConfig(divergence="_test_half_fkl")  # accepted by SCRG's ranking
+        torch.testing.assert_close(token_divergence(t, s, "_test_half_fkl"), 0.5 * forward_kl(t, s))
+        with pytest.raises(ValueError, match="registered twice"):
+            register_divergence("_test_half_fkl")(half_fkl)
+    finally:
+        DIVERGENCES.pop("_test_half_fkl")
 
 
 def test_align_vocab_truncates_padding_rows() -> None:

@@ -89,8 +89,8 @@ def test_loss_weight_grid_is_exactly_the_six_pairs():
 
 def test_fixed_clip_grid_covers_the_planned_pairs():
     got = set()
-    for option in _grid("ablation_fixed_clip")["clip"]:
-        d = _compose(["+experiment=ablation_fixed_clip", f"clip={option}"]).loss.distill
+    for option in _grid("ablation_fixed_clip")["loss/distill"]:
+        d = _compose(["+experiment=ablation_fixed_clip", f"loss/distill={option}"]).loss.distill
         if d.head == "fixed":
             got.add((float(d.lower), float(d.upper)))
     assert got == {(0.2, 0.8), (0.3, 0.7), (0.05, 0.95), (0.1, 0.9)}

@@ -12,6 +12,7 @@ Mixtures `log(w p + (1 - w) q)` are formed with a log-sum-exp of log-probs, not 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -92,21 +93,59 @@ def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean(torch.where(mask, values, torch.zeros_like(values)), mask)
 
 
+# --------------------------------------------------------------------------- the registry
+
+# name -> per-token divergence [B, T, V] x [B, T, V] -> [B, T]. The one list every user of a divergence reads: the
+# distillation loss (mgsr.objectives.Divergence), SCRG's error ranking (scrg.divergence) and config validation.
+DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_divergence(name: str):
+    """Decorator: make `fn(teacher_logits, student_logits, **params) -> [B, T]` available as `name` (with a YAML
+    in conf/loss/distill/ it is then `loss/distill=<name>` and `scrg.divergence=<name>`)."""
+    def add(fn):
+        if name in DIVERGENCES:
+            raise ValueError(f"divergence {name!r} is registered twice ({DIVERGENCES[name].__name__}, {fn.__name__})")
+        DIVERGENCES[name] = fn
+        return fn
+    return add
+
+
+def divergence_params(name: str) -> dict[str, object]:
+    """The keyword parameters of a registered divergence and their defaults (e.g. jsd: {"beta": 0.5})."""
+    sig = inspect.signature(DIVERGENCES[name])
+    return {k: p.default for k, p in list(sig.parameters.items())[2:]}
+
+
+def check_divergence(name: str, params: dict | None = None, *, where: str = "loss.distill") -> None:
+    """ValueError naming what to change when `name` is not registered or `params` are not its parameters."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"{where}.name={name!r}: unknown divergence; choose one of {', '.join(sorted(DIVERGENCES))}")
+    allowed = divergence_params(name)
+    unknown = sorted(set(params or {}) - set(allowed))
+    if unknown:
+        takes = ", ".join(allowed) or "no parameters"
+        raise ValueError(f"{where}: {name} has no parameter {', '.join(unknown)} (it takes: {takes})")
+
+
 # --------------------------------------------------------------------------- divergences, [B,T,V] -> [B,T]
 
 
+@register_divergence("fkl")
 def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """FKL = KL(p || q) = sum_v p_v (log p_v - log q_v). Returns [B, T]."""
     lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
     return kl_from_log_probs(lp, lq)
 
 
+@register_divergence("rkl")
 def reverse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """RKL = KL(q || p) = sum_v q_v (log q_v - log p_v). Returns [B, T]."""
     lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
     return kl_from_log_probs(lq, lp)
 
 
+@register_divergence("skl")
 def symmetric_kl(
     teacher_logits: torch.Tensor, student_logits: torch.Tensor, lam: float = 0.9
 ) -> torch.Tensor:
@@ -115,6 +154,7 @@ def symmetric_kl(
     return (1.0 - lam) * kl_from_log_probs(lp, lq) + lam * kl_from_log_probs(lq, lp)
 
 
+@register_divergence("jsd")
 def js_divergence(
     teacher_logits: torch.Tensor, student_logits: torch.Tensor, beta: float = 0.5
 ) -> torch.Tensor:
@@ -134,12 +174,14 @@ def js_divergence(
     return out
 
 
+@register_divergence("tvd")
 def total_variation(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """TVD = 0.5 sum_v |p_v - q_v|. Returns [B, T]."""
     lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
     return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
 
 
+@register_divergence("sfkl")
 def skew_forward_kl(
     teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1
 ) -> torch.Tensor:
@@ -148,6 +190,7 @@ def skew_forward_kl(
     return kl_from_log_probs(lp, log_mixture(lp, lq, alpha))
 
 
+@register_divergence("srkl")
 def skew_reverse_kl(
     teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1
 ) -> torch.Tensor:
@@ -156,6 +199,7 @@ def skew_reverse_kl(
     return kl_from_log_probs(lq, log_mixture(lq, lp, alpha))
 
 
+@register_divergence("akl")
 def adaptive_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
     """AKL (Wu et al. 2024, arXiv 2404.02657) = w_head * FKL + w_tail * RKL. Returns [B, T].
 
@@ -176,16 +220,6 @@ def adaptive_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mu: 
     return (g_head / denom) * kl_from_log_probs(lp, lq) + (g_tail / denom) * kl_from_log_probs(lq, lp)
 
 
-DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
-    "fkl": forward_kl,
-    "rkl": reverse_kl,
-    "skl": symmetric_kl,
-    "jsd": js_divergence,
-    "tvd": total_variation,
-    "sfkl": skew_forward_kl,
-    "srkl": skew_reverse_kl,
-    "akl": adaptive_kl,
-}
 
 
 def divergence_loss(
@@ -199,8 +233,7 @@ def divergence_loss(
 
     teacher/student logits [B, T, V], mask [B, T] bool. Returns a 0-dim tensor; an empty mask gives 0.
     """
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; choose one of: {', '.join(DIVERGENCES)}")
+    check_divergence(name, params)
     return token_mean(DIVERGENCES[name](teacher_logits, student_logits, **params), mask)
 
 
