@@ -36,11 +36,15 @@ from mgsr.losses.divergences import to_log_probs
 from mgsr.losses.quantile_head import FixedQuantileHead, QuantileHead
 
 __all__ = [
-    "BANDS", "REMAINDERS", "TOPK_CAP", "DacKlOutput", "FixedQuantileHead", "QuantileHead", "dac_kl_loss",
+    "BANDS", "REMAINDERS", "TOPK_CAP", "TOPK_MIN_ROW_SHARE", "DacKlOutput", "FixedQuantileHead", "QuantileHead",
+    "dac_kl_loss",
 ]
 
 # Classes sorted exactly by the hard-mask top-k path; the rest only enter through their summed mass.
 TOPK_CAP = 256
+# Share of the masked tokens that must qualify for the top-k path before it is used: splitting a batch
+# between paths copies rows, worth it only when most rows can take the cheap one.
+TOPK_MIN_ROW_SHARE = 0.5
 
 
 def _mass_merge_rows(t, s, lower, upper, dtype, *, kappa, hard, target_class):
@@ -73,8 +77,7 @@ def _mass_merge_rows(t, s, lower, upper, dtype, *, kappa, hard, target_class):
     if hard and V > TOPK_CAP + 1:
         head_lp, head_idx, clean = fast.stable_topk(lp, TOPK_CAP)
         ok = clean & (head_lp.exp().cumsum(-1)[:, -1] >= upper.detach().to(dtype))
-        # Splitting rows between paths copies them: worth it only when most rows can take the cheap one.
-        if 2 * int(ok.sum()) >= n:
+        if int(ok.sum()) >= TOPK_MIN_ROW_SHARE * n:  # see TOPK_MIN_ROW_SHARE
             # lp is consumed by this path: later paths recompute the log-probs of their rows
             todo = ~ok | run(ok, lambda rows: fast.TopkHardMassMerge.apply(
                 *rows_of(rows, s, lp, head_lp, head_idx, lower, upper), target_class))
