@@ -15,18 +15,8 @@ Chunks are mapped to tokens by character overlap on the decoded text (``token_of
 range overlaps the chunk (whitespace-only and special tokens belong to none). A chunk gives the token
 range ``[first, last + 1)`` and is kept when it overlaps ``>= min_tokens`` tokens. A token that straddles
 two chunks belongs to both, so spans may share their edge token; byte-fallback / byte-BPE pieces of one
-character all cover that character.
-
-Where the ``[a_k, b_k)`` come from (a token's own text is not its share of the decoded text: SentencePiece
-``\u2581`` spaces, byte fallback, multi-byte characters split across byte-BPE tokens):
-
-- fast tokenizer: the response (special tokens left out) is decoded once and re-encoded with
-  ``return_offsets_mapping``; when the re-encoding gives back the same ids, its offsets are used. A sampled
-  sequence the tokenizer would not produce from its own text (e.g. a word split unusually) gets exact
-  offsets from decoding its prefixes instead: token k ends where ``decode(ids[:k+1])`` stops agreeing with
-  the full text.
-- slow tokenizer (no offsets): each token decoded alone, texts concatenated (exact only for tokenizers
-  whose pieces decode independently, such as GPT-2's).
+character all cover that character. Where the ``[a_k, b_k)`` come from (fast and slow tokenizers), and the
+other token / text alignment helpers: mgsr/span_alignment.py.
 
 NLTK data is never downloaded. ``nltk_data_dir`` (config key ``span.nltk_data``) is searched first while the
 models load; ``nltk.data.path`` is left as it was (NLTK only reads data it finds through that list, so the
@@ -56,6 +46,8 @@ from contextlib import contextmanager
 
 import torch
 
+from mgsr.span_alignment import align_words, is_word_token, token_offsets, true_runs
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GRAMMAR = r"""
@@ -66,10 +58,10 @@ VP: {<MD>?<RB.*>?<VB.*>+<RP>?<RB.*>?}
 
 CHUNK_LABELS = frozenset({"NP", "PP", "VP"})
 NLTK_RESOURCES = ("tokenizers/punkt_tab/english/", "taggers/averaged_perceptron_tagger_eng/")
-SENTENCE_PUNCT = frozenset(".,;:!?\n")
+# LRU entries (one per distinct response id sequence) kept by default; spans change only when SCRG
+# revises a sequence, so most lookups hit and skip the chunker.
+DEFAULT_CACHE_SIZE = 65536
 
-# Treebank rewrites double quotes; these are the texts a quote token may have come from.
-_QUOTE_SOURCES = {"``": ('"', "``", "\u201c", "''"), "''": ('"', "''", "\u201d", "``")}
 # Fallback pieces of raw text: words (letters/digits, inner ' or - allowed) and single other characters.
 _FALLBACK_PIECE = re.compile(r"\w+(?:['\u2019-]\w+)*|\S")
 
@@ -113,84 +105,6 @@ def _nltk_search_path(nltk, data_dir: str | None):
         nltk.data.path[:] = saved
 
 
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def token_offsets(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int] | None]]:
-    """The decoded text of `ids` (special tokens left out) and each token's [start, end) in it.
-
-    Special tokens get None. See the module docstring for the three ways the offsets are found.
-    """
-    special = set(tokenizer.all_special_ids)
-    keep = [k for k, i in enumerate(ids) if i not in special]
-    kept = [ids[k] for k in keep]
-    offsets: list[tuple[int, int] | None] = [None] * len(ids)
-    if not kept:
-        return "", offsets
-    kw = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    if getattr(tokenizer, "is_fast", False):
-        text = tokenizer.decode(kept, **kw)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if list(enc["input_ids"]) == kept:
-            found = [tuple(o) for o in enc["offset_mapping"]]
-        else:
-            found, start = [], 0
-            for prefix in tokenizer.batch_decode([kept[: k + 1] for k in range(len(kept))], **kw):
-                # an incomplete multi-byte character decodes to U+FFFD: that token adds no text yet
-                end = max(_common_prefix_len(prefix, text), start)
-                found.append((start, end))
-                start = end
-    else:
-        found, start = [], 0
-        pieces = tokenizer.batch_decode([[i] for i in kept], **kw)
-        for piece in pieces:
-            found.append((start, start + len(piece)))
-            start += len(piece)
-        text = "".join(pieces)
-    for k, o in zip(keep, found):
-        offsets[k] = o
-    return text, offsets
-
-
-def _is_word_token(text: str) -> bool:
-    return any(c.isalnum() for c in text) and not any(c in SENTENCE_PUNCT for c in text)
-
-
-def _runs(flags: list[bool]) -> list[tuple[int, int]]:
-    """[start, end) ranges of maximal runs of True in `flags`."""
-    runs, start = [], None
-    for k, flag in enumerate(flags):
-        if flag and start is None:
-            start = k
-        elif not flag and start is not None:
-            runs.append((start, k))
-            start = None
-    if start is not None:
-        runs.append((start, len(flags)))
-    return runs
-
-
-def _align_words(words: list[str], text: str) -> list[tuple[int, int] | None]:
-    """Char span of each word in `text`, searching forward; None for a word not found."""
-    spans: list[tuple[int, int] | None] = []
-    pos = 0
-    for word in words:
-        best = None
-        for source in _QUOTE_SOURCES.get(word, (word,)):
-            at = text.find(source, pos)
-            if at >= 0 and (best is None or at < best[0]):
-                best = (at, at + len(source))
-        spans.append(best)
-        if best is not None:
-            pos = best[1]
-    return spans
-
-
 class SpanExtractor:
     """Syntactic span priors for response tokens; see the module docstring for the rules."""
 
@@ -201,7 +115,7 @@ class SpanExtractor:
         min_tokens: int = 2,
         grammar: str = DEFAULT_GRAMMAR,
         use_nltk: bool = True,
-        cache_size: int = 65536,
+        cache_size: int = DEFAULT_CACHE_SIZE,
         warn_once: WarnOnce | None = None,
     ):
         self.warn_once = warn_once if warn_once is not None else WarnOnce()
@@ -262,7 +176,7 @@ class SpanExtractor:
             words = self._words.tokenize(sentence)
             if not words:
                 continue
-            word_spans = _align_words(words, sentence)
+            word_spans = align_words(words, sentence)
             tree = self._parser.parse(self._tagger.tag(words))
             leaf = 0
             for child in tree:
@@ -312,8 +226,8 @@ class SpanExtractor:
         byte pieces of one character do).
         """
         if self._backend == "fallback":
-            flags = [o is not None and _is_word_token(text[o[0]:o[1]]) for o in offsets]
-            return [(s, e) for s, e in _runs(flags) if e - s >= self.min_tokens]
+            flags = [o is not None and is_word_token(text[o[0]:o[1]]) for o in offsets]
+            return [(s, e) for s, e in true_runs(flags) if e - s >= self.min_tokens]
         # Trimmed char ranges of the tokens that can belong to a chunk; increasing in both ends.
         index, starts, ends = [], [], []
         for k, o in enumerate(offsets):

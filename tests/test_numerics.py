@@ -1,5 +1,5 @@
 """Numerics not covered elsewhere: SFT under extreme logits, and DAC-KL's fast paths (the full-sort Function and
-the hard-mask top-k Function, used above TOPK_CAP classes) against the reference formulation, including
+the hard-mask top-k Function, used above TOPK_CAP classes) against the reference (`dac_kl_reference`), including
 hypothesis cases with logits up to +-1e4, ties, one-hot teachers, -inf columns and bf16 inputs."""
 
 from __future__ import annotations
@@ -11,22 +11,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import mgsr.losses.dac_kl as dac
+import mgsr.losses.dac_kl_fast as fast
 from mgsr.losses import dac_kl_loss, sft_loss
-from mgsr.losses.divergences import to_log_probs
+from mgsr.losses.dac_kl import TOPK_CAP
+from mgsr.losses.dac_kl_reference import dac_kl_reference
 
-V = dac.TOPK_CAP + 44  # wide enough for the top-k path
-
-
-def _reference(t, s, mask, lower, upper, *, hard, target_class, beta=1.0, kappa=50.0):
-    """The loss assembled from `_reference_terms` over every token (plain autograd, log-space sums)."""
-    lp, lq = to_log_probs(t.detach(), torch.float32), to_log_probs(s, torch.float32)
-    kl, cov, kept = dac._reference_terms(lp, lq, lower, upper, band="mass", remainder="merge", kappa=kappa,
-                                         hard=hard, target_class=target_class)
-    m = mask.float()
-    n = m.sum().clamp_min(1)
-    return ((kl * m).sum() + beta * ((1 - cov) * m).sum()) / n, (kl * m).sum() / n, (cov * m).sum() / n, \
-        (kept * m).sum() / n
+V = TOPK_CAP + 44  # wide enough for the top-k path
 
 
 def _peaked(seed: int, shape=(2, 5)) -> torch.Tensor:
@@ -46,13 +36,24 @@ def _run(fn, t, s0, mask, lo0, up0, **kw):
     return [v.detach() for v in values], grads
 
 
+def _assert_fast_matches_reference(t, s, mask, lower, upper, **kw):
+    """dac_kl_loss (fast paths + fallback) and dac_kl_reference agree: (loss, kl, coverage, kept) and the
+    gradients for the student logits and both quantiles."""
+    got, got_grads = _run(dac_kl_loss, t, s, mask, lower, upper, **kw)
+    ref, ref_grads = _run(dac_kl_reference, t, s, mask, lower, upper, **kw)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("teacher", ["peaked", "flat", "mixed"])
 @pytest.mark.parametrize("hard", [True, False])
 @pytest.mark.parametrize("target_class", [True, False])
 def test_fast_paths_match_the_reference(teacher, hard, target_class, monkeypatch):
     calls = {"topk": 0, "sorted": 0}
-    for name, key in (("_TopkHardMassMerge", "topk"), ("_SortedMassMerge", "sorted")):
-        fn = getattr(dac, name)
+    for name, key in (("TopkHardMassMerge", "topk"), ("SortedMassMerge", "sorted")):
+        fn = getattr(fast, name)
 
         class Counting(fn):
             @classmethod
@@ -60,7 +61,7 @@ def test_fast_paths_match_the_reference(teacher, hard, target_class, monkeypatch
                 calls[_key] += 1
                 return _fn.apply(*args)
 
-        monkeypatch.setattr(dac, name, Counting)
+        monkeypatch.setattr(fast, name, Counting)
     g = torch.Generator().manual_seed(0)
     # flat: nearly uniform, so the top TOPK_CAP classes hold ~85% of the mass, less than every u >= 0.9
     flat = torch.randn(2, 5, V, generator=g) * 0.05
@@ -70,12 +71,7 @@ def test_fast_paths_match_the_reference(teacher, hard, target_class, monkeypatch
     lower = torch.rand(2, 5, generator=g) * 0.3
     upper = 0.9 + torch.rand(2, 5, generator=g) * 0.1
     kw = {"hard": hard, "target_class": target_class}
-    got, got_grads = _run(dac_kl_loss, t, s, mask, lower, upper, **kw)
-    ref, ref_grads = _run(_reference, t, s, mask, lower, upper, **kw)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(got_grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    _assert_fast_matches_reference(t, s, mask, lower, upper, **kw)
     expected = {"peaked": ["topk"], "flat": ["sorted"], "mixed": ["topk", "sorted"]}[teacher] if hard else ["sorted"]
     assert [k for k in ("topk", "sorted") if calls[k]] == expected, calls  # the paths under test really ran
 
@@ -98,6 +94,20 @@ def extreme_logits(draw, vocab: int, rows: int = 2) -> torch.Tensor:
 
     kinds = st.sampled_from(["random", "distinct", "equal", "onehot"])
     return torch.tensor([[row(draw(kinds)) for _ in range(rows)]])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example])
+@given(data=st.data(), hard=st.booleans(), target_class=st.booleans(), lower=st.floats(0.0, 0.3),
+       upper=st.floats(0.7, 1.0))
+def test_fast_paths_match_the_reference_on_extreme_logits(data, hard, target_class, lower, upper):
+    """Values and gradients of dac_kl_loss (fast paths + their fallback) equal dac_kl_reference's on logits up
+    to +-1e4, ties, all-equal and one-hot rows, wide enough for the top-k path."""
+    t = data.draw(extreme_logits(V))
+    s = data.draw(extreme_logits(V))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    lo, up = torch.full((1, 2), lower), torch.full((1, 2), upper)
+    kw = {"hard": hard, "target_class": target_class}
+    _assert_fast_matches_reference(t, s, mask, lo, up, **kw)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example])
@@ -136,4 +146,4 @@ def test_integer_key_sort_is_the_stable_descending_sort(dtype):
     logits[3, 7] = 1e4  # one-hot: log-prob exactly 0 there
     lp = torch.log_softmax(logits.to(dtype), dim=-1)
     expected = lp.sort(dim=-1, descending=True, stable=True).indices
-    assert torch.equal(dac._descending_order(lp), expected)
+    assert torch.equal(fast.descending_order(lp), expected)
