@@ -7,7 +7,8 @@ A markdown file marks a generated block with
     ...
     <!-- end generated -->
 
-The path is relative to the repository root (the same marker works in README.md and docs/*.md). Everything
+A marker counts only at the start of a line (an indented one, as above, is an example). The path is relative
+to the repository root (the same marker works in README.md and docs/*.md). Everything
 between the markers is replaced by: one stamp line (the report's `commit ... · config ... · machine · wall
 time` line, else its `stamp.json` next to it; a report with neither is refused) with a link to the report
 relative to the file that holds the block, then the selected tables verbatim.
@@ -30,8 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 END = "<!-- end generated -->"
-BLOCK = re.compile(r"<!-- generated: (?P<src>[^\s>]+)(?P<opts>(?: [^\s>]+)*) -->\n(?P<body>.*?)" + re.escape(END),
-                   re.S)
+BLOCK = re.compile(r"^<!-- generated: (?P<src>[^\s>]+)(?P<opts>(?: [^\s>]+)*) -->\n(?P<body>.*?)" + re.escape(END),
+                   re.S | re.M)
 STAMP_KEYS = (("commit", "commit `{}`"), ("config_hash", "config `{}`"), ("machine", "{}"),
               ("wall_time", "wall time {}"), ("date", "{}"))
 
