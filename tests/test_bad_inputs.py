@@ -1,5 +1,5 @@
 """Bad input gets one clear line before any model loads (or a counted skip for bad rows of data).
-One test per row of the bad-input table in README.md (Reliability)."""
+One test per row of the bad-input table in docs/bad_inputs.md."""
 
 from __future__ import annotations
 
