@@ -42,7 +42,8 @@ def run_one(name: str, cache: str, workdir: Path) -> dict:
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
-    rows = list(csv.DictReader(open(next(run_dir.glob("csv/**/metrics.csv")))))
+    metrics = next(run_dir.glob("csv/**/metrics.csv"), None)  # none for the evaluate-only reference rows
+    rows = list(csv.DictReader(open(metrics))) if metrics else []
     logged: dict[str, dict[str, float]] = {}
     for row in rows:
         for k, v in row.items():
@@ -90,12 +91,13 @@ def main() -> int:
         return 1 if diffs else 0
     names = [n for n in experiments() if not a.only or n in a.only.split(",")]
     cache = a.cache or tempfile.mkdtemp(prefix="mgsr_fp_cache")
-    out = {}
+    out_path = Path(a.out)
+    out = json.loads(out_path.read_text()) if out_path.is_file() else {}  # resumable: done names are kept
     with tempfile.TemporaryDirectory(prefix="mgsr_fp") as work:
-        for name in names:
+        for name in [n for n in names if n not in out]:
             out[name] = run_one(name, cache, Path(work))
             print(f"{name}: {out[name].get('test_rougeL', out[name].get('error'))}", flush=True)
-    Path(a.out).write_text(json.dumps(out, indent=1, sort_keys=True))
+            out_path.write_text(json.dumps(out, indent=1, sort_keys=True))
     return 0
 
 
