@@ -29,13 +29,7 @@ from common import REPO, add_threads_arg, machine, set_threads, table, write_jso
 
 from mgsr.generation import SamplingConfig, continue_generation, generate
 from mgsr.models import build_from_config, freeze
-from mgsr.pipeline import (
-    build_datamodule,
-    build_module,
-    build_sequence_callback,
-    build_tokenizer,
-    uses_student_sequences,
-)
+from mgsr.pipeline import build_datamodule, build_module, build_tokenizer
 from mgsr.scrg import ScrgConfig, pick_corrections, score, token_divergence
 
 # name -> (Hydra overrides, what one step does)
@@ -103,9 +97,7 @@ def fit_steps(cfg, student, teacher, tokenizer, batch, steps: int, profile_step:
     """Run `steps` optimiser steps of the method `cfg` on copies of the same batch; returns the StepTimer."""
     module = build_module(cfg, student, teacher, tokenizer)
     timer = StepTimer(profile_step)
-    callbacks = [timer]
-    if uses_student_sequences(cfg):
-        callbacks.append(build_sequence_callback(cfg, seed=cfg.seed))
+    callbacks = [timer]  # the module's sequence source (built with it) makes the rollouts inside the step
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=callbacks)

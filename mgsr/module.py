@@ -2,14 +2,15 @@
 
     L = w_sft * L_SFT(gold) + w_distill * L_distill(distillation sequences) + w_span * L_span(same)
 
-Distillation sequences are the SCRG-revised student rollouts that `ScrgCallback` puts in
-`self.distill_sequences` before each step; without the callback (KD) they are the gold batch.
+Each step asks its `SequenceSource` (mgsr/sequences.py) for the distillation sequences: SCRG-revised student
+rollouts, a replay batch, or None for the gold batch; without a source (KD) they are always the gold batch.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from collections import defaultdict
 
 import lightning as L
@@ -136,7 +137,7 @@ class DistillModule(L.LightningModule):
     def __init__(self, student, tokenizer, *, teacher=None, sft_weight: float = 1.0, distill=None,
                  distill_weight: float = 1.0, span=None, span_weight: float = 1.0, scrg: ScrgConfig | None = None,
                  train_sampling: SamplingConfig | None = None, val_sampling: SamplingConfig | None = None,
-                 optim: dict | None = None, val_generate: int = 64, seed: int = 0):
+                 optim: dict | None = None, val_generate: int = 64, seed: int = 0, sequences=None):
         super().__init__()
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         if teacher is not None:
@@ -154,7 +155,7 @@ class DistillModule(L.LightningModule):
                       "min_lr": 1e-7, "head_lr": None, **(optim or {})}
         self.val_generate, self.seed = val_generate, seed
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        self.distill_sequences = None
+        self.sequences = sequences  # SequenceSource | None (the gold batch every step)
         self.timing = defaultdict(float)
         self.sample_gens = DeviceGenerators(seed)  # rollouts / SCRG sampling, one generator per device
         self.train_rng = StepRngStream()  # what the training steps draw (dropout): see StepRngStream
@@ -194,6 +195,25 @@ class DistillModule(L.LightningModule):
             self.scrg_history[k].append(v)
         return seqs
 
+    def distillation_sequences(self, batch: dict) -> dict | None:
+        """This step's sequences from the source (None: the gold batch)."""
+        if self.sequences is None:
+            return None
+        step, total = self.global_step, self.total_steps()
+        t0 = time.perf_counter()
+        source, seqs = self.sequences.next(batch, step=step, total=total, rollout=self.make_student_sequences,
+                                           pad_id=self.pad_id, device=self.device)
+        logs = self.sequences.schedule_logs(step, total)
+        if logs:
+            self.log_dict(logs, on_step=True, batch_size=batch["input_ids"].shape[0])
+        if source != "gold":
+            self.timing["scrg"] += time.perf_counter() - t0
+        return seqs
+
+    def total_steps(self) -> int:
+        t = self.trainer
+        return int(t.max_steps) if t.max_steps and t.max_steps > 0 else int(t.estimated_stepping_batches)
+
     # -- training -------------------------------------------------------------------------------------------
     def _distill_terms(self, seqs: dict, student_logits=None) -> tuple[torch.Tensor, dict]:
         P = seqs["prompt_len"]
@@ -227,7 +247,7 @@ class DistillModule(L.LightningModule):
             total = total + self.sft_weight * l_sft
             logs["train/sft"] = float(l_sft.detach())
         if self.distill is not None or self.span is not None:
-            seqs = self.distill_sequences
+            seqs = self.distillation_sequences(batch)
             if seqs is None:  # teacher-forced on the gold response: re-use the student forward above
                 seqs = batch
             else:
@@ -237,7 +257,6 @@ class DistillModule(L.LightningModule):
             total = total + l_distill
             logs.update(parts)
             logs["train/distill_tokens"] = float(seqs["response_mask"].sum()) / bsz
-        self.distill_sequences = None
         self.log("train/loss", total, prog_bar=True, on_step=True, batch_size=bsz)
         self.log_dict(logs, on_step=True, batch_size=bsz)
         return total
@@ -295,6 +314,43 @@ class DistillModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # -- the sequence source's schedule hears the validation loss (DistiLLM), also once before training -------
+    def on_train_start(self):
+        if self.sequences is not None and self.sequences.wants_reference:
+            loss = self.validation_loss()
+            if loss is not None:
+                self.sequences.schedule.observe(loss)
+
+    def on_validation_end(self):
+        if self.sequences is not None and not self.trainer.sanity_checking:
+            self.sequences.observe(self.trainer.callback_metrics)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """`val/sft` as validation would log it (batch-size weighted, over `limit_val_batches`), computed now."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return None
+        limit = self.trainer.limit_val_batches
+        was_training = self.training
+        self.eval()
+        total, n = 0.0, 0
+        try:
+            loader = dm.val_dataloader()
+            max_batches = len(loader) if isinstance(limit, float) and limit >= 1.0 else \
+                (int(limit * len(loader)) if isinstance(limit, float) else int(limit))
+            for i, batch in enumerate(loader):
+                if i >= max(max_batches, 1):
+                    break
+                batch = _batch_to(batch, self.device)
+                bsz, P = batch["input_ids"].shape[0], batch["prompt_len"]
+                logits = response_logits(self.student, batch)
+                total += float(sft_loss(logits, batch["input_ids"][:, P:], batch["response_mask"][:, P:])) * bsz
+                n += bsz
+        finally:
+            self.train(was_training)
+        return total / n if n else None
+
     # -- the training steps draw from their own stream (StepRngStream), so resuming from a step checkpoint is exact
     def on_train_batch_start(self, batch, batch_idx):
         self.train_rng.enter()
@@ -310,12 +366,20 @@ class DistillModule(L.LightningModule):
         checkpoint["student_config"] = self.student.config.to_dict()
         checkpoint["rng"] = {**self.train_rng.state_dict(), "sample_gens": self.sample_gens.state_dict()}
         checkpoint["scrg_history"] = {k: list(v) for k, v in self.scrg_history.items()}  # results.json averages
+        if self.sequences is not None:  # replay buffer, coin flips, schedule: what the next steps draw
+            checkpoint["sequence_source"] = self.sequences.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
         if self.teacher is not None:  # the teacher is not stored; put the loaded one back so loading is strict
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if "scrg_history" in checkpoint:  # a resumed run reports SCRG statistics over the whole run
             self.scrg_history = defaultdict(list, {k: list(v) for k, v in checkpoint["scrg_history"].items()})
+        if self.sequences is not None:
+            state = checkpoint.get("sequence_source")
+            if state is None:  # written when a callback fed the sequences (ScrgCallback / ScheduledScrgCallback)
+                state = next((v for k, v in checkpoint.get("callbacks", {}).items() if "ScrgCallback" in k), None)
+            if state is not None:
+                self.sequences.load_state_dict(state)
         rng = checkpoint.get("rng")
         if rng:
             self.train_rng.load_state_dict(rng)

@@ -266,16 +266,15 @@ def test_scrg_rounds_revise_that_often(monkeypatch, experiment, rounds):
 
 
 def test_every_n_steps_revises_fresh_only_on_trigger_steps():
-    from mgsr.baselines import build_sequence_callback
+    from hydra.utils import instantiate
+
+    from mgsr.sequences import build_sequence_source
 
     cfg = cfg_of("+experiment=scrg_every_n", "scrg.every_n_steps=2")
-    cb = build_sequence_callback(cfg, seed=0)
+    src = build_sequence_source(cfg.scrg, seed=0, instantiate=instantiate)
     batch = pad_rows([(torch.tensor([5, 6]), torch.tensor([7, 8, 1]))] * 2, pad_id=0)
     fresh = []
-    module = types.SimpleNamespace(pad_id=0, device=torch.device("cpu"), timing={"scrg": 0.0},
-                                   distill_sequences=None,
-                                   make_student_sequences=lambda b: fresh.append(1) or b)
     for step in range(4):
-        cb.on_train_batch_start(types.SimpleNamespace(global_step=step), module, batch, step)
-        assert module.distill_sequences is not None
-    assert len(fresh) == 2 and cb.replays == 2  # steps 0 and 2 fresh, 1 and 3 from the replay buffer
+        _, seqs = src.next(batch, step=step, total=4, rollout=lambda b: fresh.append(1) or b, pad_id=0)
+        assert seqs is not None
+    assert len(fresh) == 2 and src.counts["replay"] == 2  # steps 0 and 2 fresh, 1 and 3 from the replay buffer

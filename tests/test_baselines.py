@@ -5,6 +5,7 @@ accumulation normalisation."""
 
 import json
 import math
+import types
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import mgsr.scrg
 import mgsr.seqkd
-from mgsr.baselines import AdaptiveOffPolicy, LinearStudentProb, ScheduledScrgCallback
+from mgsr.sequences import AdaptiveOffPolicy, LinearStudentProb, SequenceSource
 from mgsr.config import ConfigError
 from mgsr.data.collate import Collator
 from mgsr.losses.divergences import DIVERGENCES, forward_kl
@@ -97,10 +98,10 @@ def test_baseline_runs_end_to_end(name, tmp_path, tiny_overrides, count_generati
         assert "kd/fkl" in header and "train/sft" in header
     if name == "distillm":  # phi, the reference loss and the replay buffer are in the checkpoint
         ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-        (state,) = [v for k, v in ckpt["callbacks"].items() if "ScheduledScrgCallback" in k]
+        state = ckpt["sequence_source"]
         assert state["schedule"]["phi"] == 0.5 and state["schedule"]["reference"] is not None
         assert len(state["buffer"]["items"]) == cfg.data.batch_size * state["counts"]["fresh"] > 0
-        fresh = ScheduledScrgCallback(AdaptiveOffPolicy(), buffer_capacity=1000)
+        fresh = SequenceSource(AdaptiveOffPolicy(), buffer_capacity=1000)
         fresh.load_state_dict(state)
         assert fresh.schedule.phi == 0.5 and len(fresh.buffer) == len(state["buffer"]["items"])
         assert "sched/student_prob" in header
@@ -151,44 +152,50 @@ def test_distillm_probability_rises_only_when_validation_loss_rises():
 def test_distillm_decisions_follow_phi_and_buffer():
     s = AdaptiveOffPolicy(init=0.4)
     kw = {"total": 100, "capacity": 10}
-    assert s.decide(0.5, step=0, buffer_len=0, **kw) == "gold"  # u >= phi
-    assert s.decide(0.3, step=50, buffer_len=3, **kw) == "fresh"  # buffer not full yet
-    assert s.decide(0.3, step=50, buffer_len=10, **kw) == "replay"  # full, u >= phi * (1 - t/T) = 0.2
-    assert s.decide(0.1, step=50, buffer_len=10, **kw) == "fresh"  # u < 0.2
-    assert s.decide(0.1, step=100, buffer_len=10, **kw) == "replay"  # end of training: all replay
+    assert s.decide(lambda: 0.5, step=0, buffer_len=0, **kw) == "gold"  # u >= phi
+    assert s.decide(lambda: 0.3, step=50, buffer_len=3, **kw) == "fresh"  # buffer not full yet
+    assert s.decide(lambda: 0.3, step=50, buffer_len=10, **kw) == "replay"  # full, u >= phi * (1 - t/T) = 0.2
+    assert s.decide(lambda: 0.1, step=50, buffer_len=10, **kw) == "fresh"  # u < 0.2
+    assert s.decide(lambda: 0.1, step=100, buffer_len=10, **kw) == "replay"  # end of training: all replay
     lin = LinearStudentProb(0.0, 1.0)
     assert lin.prob(0, 10) == 0.0 and lin.prob(5, 10) == 0.5 and lin.prob(20, 10) == 1.0
-    assert lin.decide(0.4, step=5, total=10, buffer_len=0, capacity=8, trigger=True) == "fresh"
-    assert lin.decide(0.6, step=5, total=10, buffer_len=0, capacity=8, trigger=True) == "gold"
+    assert lin.decide(lambda: 0.4, step=5, total=10, buffer_len=0, capacity=8, trigger=True) == "fresh"
+    assert lin.decide(lambda: 0.6, step=5, total=10, buffer_len=0, capacity=8, trigger=True) == "gold"
 
 
-def test_callback_feeds_validation_loss_to_the_schedule_and_restores_state(tmp_path):
-    class FakeTrainer:
-        sanity_checking = False
-        callback_metrics = {}
-
-    cb = ScheduledScrgCallback(AdaptiveOffPolicy(), buffer_capacity=4, seed=3)
-    trainer = FakeTrainer()
+def test_source_feeds_validation_loss_to_the_schedule_and_restores_state(tmp_path):
+    src = SequenceSource(AdaptiveOffPolicy(), buffer_capacity=4, seed=3)
     for loss in (2.0, 1.0, 2.5):
-        trainer.callback_metrics = {"val/sft": torch.tensor(loss)}
-        cb.on_validation_end(trainer, None)
-    assert cb.schedule.phi == pytest.approx(0.1) and cb.schedule.reference == 2.5
-    trainer.sanity_checking = True
-    trainer.callback_metrics = {"val/sft": torch.tensor(9.0)}
-    cb.on_validation_end(trainer, None)  # the sanity check is not a validation
-    assert cb.schedule.phi == pytest.approx(0.1)
+        src.observe({"val/sft": torch.tensor(loss)})
+    assert src.schedule.phi == pytest.approx(0.1) and src.schedule.reference == 2.5
+    src.observe({"val/rougeL": torch.tensor(9.0)})  # not the monitored value: ignored
+    assert src.schedule.phi == pytest.approx(0.1) and len(src.schedule.history) == 3
 
     ids = torch.tensor([[0, 5, 6, 7, 1], [4, 5, 8, 1, 0]])
-    cb.buffer.add({"input_ids": ids, "attention_mask": (ids != 0).long(),
-                   "response_mask": torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 0]]).bool(), "prompt_len": 2})
-    torch.rand((), generator=cb._gen)
-    torch.save(cb.state_dict(), tmp_path / "cb.pt")
-    restored = ScheduledScrgCallback(AdaptiveOffPolicy(), buffer_capacity=4, seed=99)
-    restored.load_state_dict(torch.load(tmp_path / "cb.pt", weights_only=True))
-    assert restored.schedule.state_dict() == cb.schedule.state_dict()
-    assert torch.equal(restored._gen.get_state(), cb._gen.get_state())
-    a, b = cb.buffer.sample(3, pad_id=0), restored.buffer.sample(3, pad_id=0)
+    src.buffer.add({"input_ids": ids, "attention_mask": (ids != 0).long(),
+                    "response_mask": torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 0]]).bool(), "prompt_len": 2})
+    src.choose(step=0, total=10)
+    torch.save(src.state_dict(), tmp_path / "src.pt")
+    restored = SequenceSource(AdaptiveOffPolicy(), buffer_capacity=4, seed=99)
+    restored.load_state_dict(torch.load(tmp_path / "src.pt", weights_only=True))
+    assert restored.schedule.state_dict() == src.schedule.state_dict() and restored.counts == src.counts
+    assert torch.equal(restored._gen.get_state(), src._gen.get_state())
+    a, b = src.buffer.sample(3, pad_id=0), restored.buffer.sample(3, pad_id=0)
     assert torch.equal(a["input_ids"], b["input_ids"])  # the same replay draws after resume
+    assert [src.choose(s, 10) for s in range(5)] == [restored.choose(s, 10) for s in range(5)]
+
+
+def test_module_skips_the_sanity_check_and_feeds_real_validations(monkeypatch):
+    from mgsr.module import DistillModule
+
+    src = SequenceSource(AdaptiveOffPolicy())
+    fake = types.SimpleNamespace(sequences=src, trainer=types.SimpleNamespace(sanity_checking=True,
+                                                                              callback_metrics={"val/sft": 3.0}))
+    DistillModule.on_validation_end(fake)
+    assert src.schedule.reference is None  # the sanity check is not a validation
+    fake.trainer.sanity_checking = False
+    DistillModule.on_validation_end(fake)
+    assert src.schedule.reference == 3.0
 
 
 # -- loss groups: every divergence has one, logging the true forward KL -----------------------------------------

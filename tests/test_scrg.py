@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mgsr.callbacks import ScrgCallback
+from mgsr.sequences import SequenceSource
 from mgsr.generation import SamplingConfig, generate
 from mgsr.scrg import (
     RevisionStats,
@@ -132,31 +132,29 @@ def test_zero_rounds_is_plain_generation(rollout):
     assert torch.equal(a["input_ids"], b["input_ids"])
 
 
-def test_callback_honours_frequency_and_replays():
+def test_sequence_source_honours_frequency_and_replays():
     calls = []
     seqs = {"input_ids": torch.tensor([[3, 4, 5]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
             "response_mask": torch.tensor([[False, True, True]]), "prompt_len": 1}
-    module = types.SimpleNamespace(pad_id=PAD, device=torch.device("cpu"), distill_sequences=None,
-                                   timing={"scrg": 0.0},
-                                   make_student_sequences=lambda batch: calls.append(1) or seqs)
-    cb = ScrgCallback(every_n_steps=3)
+    src = SequenceSource(every_n_steps=3)
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
+    rollout = lambda b: calls.append(1) or seqs  # noqa: E731
     for step in range(7):
-        cb.on_train_batch_start(types.SimpleNamespace(global_step=step), module, batch, step)
-        assert module.distill_sequences["input_ids"].shape[0] in (1, 2)
+        source, out = src.next(batch, step=step, total=7, rollout=rollout, pad_id=PAD)
+        assert source == ("fresh" if step % 3 == 0 else "replay")
+        assert out["input_ids"].shape[0] in (1, 2)
     assert len(calls) == 3  # steps 0, 3, 6
-    assert cb.triggers == 3 and cb.replays == 4
-    state = cb.state_dict()
-    cb2 = ScrgCallback(every_n_steps=3)
-    cb2.load_state_dict(state)
-    assert len(cb2.buffer) == len(cb.buffer)
+    assert src.counts == {"gold": 0, "fresh": 3, "replay": 4}
+    src2 = SequenceSource(every_n_steps=3)
+    src2.load_state_dict(src.state_dict())
+    assert len(src2.buffer) == len(src.buffer) and src2.counts == src.counts
 
 
 def test_bad_scrg_config_is_one_line():
     with pytest.raises(ValueError, match="scrg.mode must be single|multi"):
         ScrgConfig(mode="all")
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
-        ScrgCallback(every_n_steps=0)
+        SequenceSource(every_n_steps=0)
 
 
 # --- adaptive multi-token threshold: rows with candidates always correct their maximum (issue 14.4) -----------
