@@ -27,8 +27,8 @@ import time
 import torch
 
 from mgsr.callbacks import ScrgCallback
+from mgsr.generation import response_logits
 from mgsr.losses.sft import sft_loss
-from mgsr.module import response_logits
 
 SOURCES = ("gold", "fresh", "replay")
 
