@@ -42,7 +42,7 @@ def teacher_identity(cfg, tokenizer) -> dict:
         if path.is_dir():  # local weights: their names, sizes and times change when the model does
             ident["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
                                     for p in path.iterdir() if p.is_file())
-        if int(cfg.model.teacher_sft.get("max_steps") or 0) > 0:  # fine-tuned before use (pipeline.ensure_teacher)
+        if int(cfg.model.teacher_sft.get("max_steps") or 0) > 0:  # fine-tuned before use (mgsr.build.teacher.ensure_teacher)
             ident["sft"] = to_container(cfg.model.teacher_sft)
         return ident
     return {"arch": to_container(spec.arch), "sft": to_container(cfg.model.teacher_sft),
