@@ -17,7 +17,8 @@ from mgsr.config import ConfigError, renamed_override
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from mgsr.pipeline import run, tidy_lightning_logging  # here: --help and config errors stay fast
+    from mgsr.build.trainer import tidy_lightning_logging  # here: --help and config errors stay fast
+    from mgsr.pipeline import run
 
     tidy_lightning_logging()
     run_dir = Path(HydraConfig.get().runtime.output_dir)

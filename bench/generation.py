@@ -20,10 +20,10 @@ import time
 import torch
 from common import REPO, add_threads_arg, machine, set_threads, table, write_json
 
+from mgsr.build.tokenizer import build_tokenizer
 from mgsr.evaluation.run import encode_prompts, generate_responses
 from mgsr.generation import SamplingConfig
 from mgsr.models import build_from_config
-from mgsr.pipeline import build_tokenizer
 
 
 def hf_loop(model, tokenizer, prompt_ids: list[torch.Tensor], *, batch_size: int, max_new_tokens: int, seed: int,

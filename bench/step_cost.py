@@ -27,9 +27,11 @@ import lightning as L
 import torch
 from common import REPO, add_threads_arg, machine, set_threads, table, write_json
 
+from mgsr.build.data import build_datamodule
+from mgsr.build.module import build_module
+from mgsr.build.tokenizer import build_tokenizer
 from mgsr.generation import SamplingConfig, continue_generation, generate
 from mgsr.models import build_from_config, freeze
-from mgsr.pipeline import build_datamodule, build_module, build_tokenizer
 from mgsr.scrg import ScrgConfig, pick_corrections, score, token_divergence
 
 # name -> (Hydra overrides, what one step does)

@@ -77,6 +77,15 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def response_logits(model, seqs: dict, **kw) -> torch.Tensor:
+    """Logits that predict each response token, [B, R, V]: position t predicts response token t (only the last
+    R+1 columns are computed). The module, the baselines and the exposure-bias measurement all use this one."""
+    P, ids = seqs["prompt_len"], seqs["input_ids"]
+    out = model(input_ids=ids, attention_mask=seqs["attention_mask"], position_ids=position_ids(seqs["attention_mask"]),
+                logits_to_keep=ids.shape[1] - P + 1, **kw)
+    return out.logits[:, :-1]
+
+
 def _next_token(logits, history, cfg: SamplingConfig, procs, generator) -> torch.Tensor:
     scores = procs(history, logits.float()) if len(procs) else logits.float()
     if cfg.greedy:

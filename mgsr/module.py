@@ -18,20 +18,12 @@ import numpy as np
 import torch
 
 from mgsr.evaluation.metrics import rouge_l_per_example
-from mgsr.generation import SamplingConfig, generate, position_ids
+from mgsr.generation import SamplingConfig, generate, response_logits
 from mgsr.losses.divergences import align_vocab
 from mgsr.losses.sft import sft_loss
 from mgsr.models import shared_vocab_size
 from mgsr.scrg import RevisionStats, ScrgConfig, rollout_and_revise
-from mgsr.strategies import gathered_for_generation
-
-
-def response_logits(model, seqs: dict, **kw) -> torch.Tensor:
-    """Logits that predict each response token, [B, R, V] (only the last R+1 columns are computed)."""
-    P, ids = seqs["prompt_len"], seqs["input_ids"]
-    out = model(input_ids=ids, attention_mask=seqs["attention_mask"], position_ids=position_ids(seqs["attention_mask"]),
-                logits_to_keep=ids.shape[1] - P + 1, **kw)
-    return out.logits[:, :-1]
+from mgsr.sharding import gathered_for_generation
 
 
 def _batch_to(seqs: dict, device) -> dict:

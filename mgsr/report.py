@@ -51,11 +51,6 @@ EXTRA_COLUMNS = (
 )
 
 
-def sweep_group(name: str, sweep_dir) -> str:
-    """The W&B group of one sweep: `<experiment name>/<sweep dir name>` (the sweep's timestamp)."""
-    return f"{name}/{Path(sweep_dir).name}"
-
-
 def _summary(results: dict, eval_set: str, metric: str):
     cell = results.get("eval", {}).get("summary", {}).get(eval_set, {}).get(metric)
     return cell[0] if isinstance(cell, (list, tuple)) else cell
@@ -291,6 +286,7 @@ def log_wandb_table(rep: Report, *, group: str, settings: dict | None, out_dir: 
 def write_report(dirs, out_dir=None, *, wandb_mode: str = "auto") -> dict:
     """Collect the runs under `dirs`, write report.md / report.csv / report.png to `out_dir` (default: the
     first dir). Returns {"markdown", "paths", "report"}."""
+    from mgsr.build.trainer import sweep_group  # the runs' own W&B group (here: no omegaconf at import)
     from mgsr.evaluation.tables import write_csv
 
     dirs = [Path(d) for d in dirs]

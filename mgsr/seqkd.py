@@ -24,14 +24,11 @@ import torch
 from mgsr.config import to_container
 from mgsr.data.collate import Collator
 from mgsr.generation import SamplingConfig, generate
+from mgsr.sft_stage import stable_hash
 
 log = logging.getLogger("mgsr")
 
 _DATA_KEYS = ("source", "path", "train_file", "seed", "n_train", "max_prompt_len", "max_len", "max_train_records")
-
-
-def _sha(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def teacher_identity(cfg, tokenizer) -> dict:
@@ -45,7 +42,7 @@ def teacher_identity(cfg, tokenizer) -> dict:
         if path.is_dir():  # local weights: their names, sizes and times change when the model does
             ident["files"] = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
                                     for p in path.iterdir() if p.is_file())
-        if int(cfg.model.teacher_sft.get("max_steps") or 0) > 0:  # fine-tuned before use (pipeline.ensure_teacher)
+        if int(cfg.model.teacher_sft.get("max_steps") or 0) > 0:  # fine-tuned before use (mgsr.build.teacher.ensure_teacher)
             ident["sft"] = to_container(cfg.model.teacher_sft)
         return ident
     return {"arch": to_container(spec.arch), "sft": to_container(cfg.model.teacher_sft),
@@ -58,10 +55,10 @@ def sampling_config(cfg) -> SamplingConfig:
 
 def cache_path(cfg, tokenizer) -> Path:
     data = to_container(cfg.data)
-    key = _sha({
+    key = stable_hash({
         "teacher": teacher_identity(cfg, tokenizer),
         "data": {k: data.get(k) for k in _DATA_KEYS},
-        "tokenizer": [len(tokenizer), _sha(tokenizer.get_vocab())],
+        "tokenizer": [len(tokenizer), stable_hash(tokenizer.get_vocab())],
         "sampling": to_container(cfg.seqkd.sampling),
         "seed": int(cfg.seqkd.seed),
     })

@@ -11,7 +11,7 @@ FSDP (Lightning's `FSDPStrategy`, torch FSDP1, `use_orig_params=True`):
   passes it as `ignored_modules`, so every rank keeps the whole (frozen) teacher and no all-gathers are spent
   on it. The teacher has no gradient and no optimizer state either way.
 - Generation: SCRG / student rollouts run in `on_train_batch_start`, outside the wrapped forward. With
-  `rollout_gather: full` (default) `gathered_for_generation` puts them inside
+  `rollout_gather: full` (default) `gathered_for_generation` (mgsr/sharding.py) puts them inside
   `FullyShardedDataParallel.summon_full_params(root, writeback=False)`: parameters are gathered once per
   rollout (one full copy of teacher + student per rank while it runs, freed after). `layer` instead relies
   on each FSDP unit's own forward all-gather (less memory, one all-gather per unit per decoding step).
@@ -22,12 +22,10 @@ DeepSpeed ZeRO-3 partitions parameters too: rollouts are wrapped in `deepspeed.z
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 
 log = logging.getLogger(__name__)
@@ -112,40 +110,3 @@ def strategy_callbacks(spec) -> list:
             and spec.get("teacher", "shard") == "replicate":
         return [ReplicatedTeacherToDevice()]
     return []
-
-
-def is_sharded(strategy) -> bool:
-    """True when the strategy rewrites or partitions the module's parameters (FSDP, DeepSpeed ZeRO-3):
-    the student object then has to be rebuilt from a checkpoint to be saved or evaluated."""
-    name = type(strategy).__name__
-    return name.startswith("FSDP") or (name.startswith("DeepSpeed") and bool(getattr(strategy, "zero_stage_3", 0)))
-
-
-@contextlib.contextmanager
-def unsharded(wrapper, *, gather: str = "full"):
-    """Context in which the modules inside `wrapper` can be called directly (generation outside forward).
-
-    `wrapper`: the strategy's wrapped model (`trainer.strategy.model`); anything that is not an FSDP module
-    (DDP, a plain module, None) needs nothing. FSDP, gather="full": all parameters gathered once, no
-    write-back (generation never changes them); gather="layer": nothing here, each unit gathers its own.
-    """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    if isinstance(wrapper, FSDP) and gather == "full":
-        with torch.no_grad(), FSDP.summon_full_params(wrapper, writeback=False, recurse=True):
-            yield
-        return
-    yield
-
-
-def gathered_for_generation(pl_module):
-    """`unsharded` for a LightningModule attached to a trainer (no trainer: a no-op context)."""
-    trainer = getattr(pl_module, "_trainer", None)
-    strategy = getattr(trainer, "strategy", None)
-    if strategy is None:
-        return contextlib.nullcontext()
-    if type(strategy).__name__.startswith("DeepSpeed") and getattr(strategy, "zero_stage_3", False):
-        import deepspeed  # only reachable when the DeepSpeed strategy is in use
-
-        return deepspeed.zero.GatheredParameters(list(pl_module.parameters()), modifier_rank=None)
-    return unsharded(strategy.model, gather=getattr(pl_module, "rollout_gather", "full"))

@@ -4,7 +4,6 @@ Configs are composed exactly as `python train.py +experiment=NAME [group=option]
 built with the pipeline's own builders, on tiny random models (no training).
 """
 
-import types
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import mgsr.objectives
 import mgsr.scrg
+from mgsr.build.module import build_module, scrg_config, uses_student_sequences
+from mgsr.build.tokenizer import build_tokenizer
+from mgsr.data.collate import pad_rows
 from mgsr.generation import SamplingConfig, generate
 from mgsr.objectives import DacKl, Divergence
-from mgsr.pipeline import build_module, build_tokenizer, scrg_config, uses_student_sequences
-from mgsr.replay import pad_rows
 from mgsr.scrg import RevisionStats, pick_corrections, revise_once, rollout_and_revise
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

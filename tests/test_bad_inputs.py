@@ -10,8 +10,13 @@ import sys
 import pytest
 from conftest import REPO, TINY, compose_train
 
+import mgsr.build.evaluate
+import mgsr.build.student
+import mgsr.build.teacher
 import mgsr.pipeline as pipeline
-from mgsr.config import ConfigError, validate
+from mgsr.build.data import check_epoch_length
+from mgsr.build.validate import validate
+from mgsr.config import ConfigError
 
 # (row id, overrides, text the one-line error must contain)
 BAD_CONFIGS = [
@@ -126,8 +131,13 @@ def no_model_loads(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
+    # each module looks these up in its own namespace: patch every one that has them
+    modules = (pipeline, mgsr.build.student, mgsr.build.teacher, mgsr.build.evaluate)
     for name in ("load_model", "build_from_config", "build_student"):
-        monkeypatch.setattr(pipeline, name, forbidden)
+        holders = [m for m in modules if hasattr(m, name)]
+        assert holders, name
+        for module in holders:
+            monkeypatch.setattr(module, name, forbidden)
 
 
 def _save_tiny_model(path, texts):
@@ -228,8 +238,8 @@ def test_validation_interval_longer_than_an_epoch(tmp_path, no_model_loads):
 
 def test_max_epochs_that_ends_training_before_max_steps_is_warned(tmp_path, caplog):
     cfg = compose_train([*TINY, f"cache_dir={tmp_path}", "trainer.max_epochs=1", "trainer.max_steps=20"])
-    pipeline.check_epoch_length(cfg, 64)
+    check_epoch_length(cfg, 64)
     assert "trainer.max_epochs=1 stops training after 8 steps, before trainer.max_steps=20" in caplog.text
     caplog.clear()
-    pipeline.check_epoch_length(compose_train([*TINY, f"cache_dir={tmp_path}", "trainer.max_steps=20"]), 64)
+    check_epoch_length(compose_train([*TINY, f"cache_dir={tmp_path}", "trainer.max_steps=20"]), 64)
     assert caplog.text == ""  # the default (max_epochs=-1) trains for max_steps across epochs

@@ -16,14 +16,17 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import mgsr.scrg
 import mgsr.seqkd
-from mgsr.sequences import AdaptiveOffPolicy, LinearStudentProb, SequenceSource
+from mgsr.build.data import build_datamodule
+from mgsr.build.teacher import check_teacher_tokenizer
+from mgsr.build.tokenizer import build_tokenizer
 from mgsr.config import ConfigError
 from mgsr.data.collate import Collator
 from mgsr.losses.divergences import DIVERGENCES, forward_kl
 from mgsr.models import build_from_config
 from mgsr.module import DistillModule
 from mgsr.objectives import Divergence
-from mgsr.pipeline import build_datamodule, build_tokenizer, check_teacher_tokenizer, run
+from mgsr.pipeline import run
+from mgsr.sequences import AdaptiveOffPolicy, LinearStudentProb, SequenceSource
 
 EXPERIMENTS = sorted(p.stem.removeprefix("baseline_") for p in (REPO / "conf" / "experiment").glob("baseline_*.yaml"))
 STEPS = 3  # one validation, at the end: the schedules' coin flips below are not disturbed by it

@@ -11,7 +11,7 @@ SOURCES = [*REPO.glob("mgsr/**/*.py"), *REPO.glob("bench/*.py"), REPO / "train.p
            REPO / "compare.py"]
 # distribution name -> import name, where they differ
 IMPORT_NAME = {"hydra-core": "hydra", "rouge-score": "rouge_score"}
-# needed without an import of ours: Lightning's RichProgressBar (pipeline.build_trainer) imports rich;
+# needed without an import of ours: Lightning's RichProgressBar (mgsr.build.trainer.build_trainer) imports rich;
 # transformers' `gguf_file=` loading (mgsr/sources.py) imports gguf
 INDIRECT = {"rich", "gguf"}
 

@@ -97,7 +97,8 @@ def _fsdp_rank(rank: int, port: int, out_dir: str) -> None:
     from mgsr.models import build_from_config
     from mgsr.module import DistillModule
     from mgsr.scrg import ScrgConfig, rollout_and_revise
-    from mgsr.strategies import fsdp_policy_classes, unsharded
+    from mgsr.sharding import unsharded
+    from mgsr.strategies import fsdp_policy_classes
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -222,7 +223,8 @@ def test_fsdp_config_builds_the_strategy_lightning_runs_it_on_gpus_only():
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2LMHeadModel
 
-    from mgsr.strategies import build_strategy, is_sharded, strategy_callbacks
+    from mgsr.sharding import is_sharded
+    from mgsr.strategies import build_strategy, strategy_callbacks
 
     cfg = compose_train(["trainer=fsdp"])
     assert (cfg.trainer.precision, cfg.trainer.strategy.sharding_strategy) == ("bf16-mixed", "FULL_SHARD")
@@ -248,7 +250,8 @@ def test_fsdp_config_builds_the_strategy_lightning_runs_it_on_gpus_only():
 def test_ddp_and_deepspeed_configs_compose():
     from lightning.pytorch.strategies import DDPStrategy
 
-    from mgsr.strategies import build_strategy, is_sharded
+    from mgsr.sharding import is_sharded
+    from mgsr.strategies import build_strategy
 
     ddp = compose_train(["trainer=ddp"]).trainer
     strategy = build_strategy(to_container(ddp.strategy))

@@ -4,10 +4,11 @@ loss, val/rougeL, exposure bias), the test split, and every set of the final eva
 import pytest
 from conftest import SHARED, compose_train
 
+from mgsr.build.data import build_datamodule, eval_sets
+from mgsr.build.evaluate import eval_limit, eval_settings
 from mgsr.data.tokenizer import build_tokenizer
 from mgsr.evaluation.run import evaluate_sets
 from mgsr.models import build_from_config
-from mgsr.pipeline import build_datamodule, eval_limit, eval_sets, eval_settings
 
 needs_data = pytest.mark.skipif(not (SHARED / "data" / "dolly").is_dir(), reason="shared data folder not present")
 

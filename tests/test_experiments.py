@@ -13,7 +13,7 @@ from conftest import compose_train, require_real_model
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mgsr.config import validate
+from mgsr.build.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -102,8 +102,9 @@ def _metric_columns(run_dir: Path) -> set[str]:
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in REAL])
 def test_experiment_runs_a_few_steps(name, tiny_overrides, tmp_path):
+    from mgsr.build.module import uses_student_sequences
     from mgsr.evaluation.metrics import exact_match, rouge_l
-    from mgsr.pipeline import run, uses_student_sequences
+    from mgsr.pipeline import run
 
     cfg = compose_train([f"+experiment={name}", *fast(tiny_overrides)])
     results = run(cfg, tmp_path)

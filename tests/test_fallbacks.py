@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mgsr import pipeline
+from mgsr.build import evaluate, trainer
 from mgsr.config import ConfigError
 from mgsr.replay import ReplayBuffer
 
@@ -18,7 +19,7 @@ from mgsr.replay import ReplayBuffer
 # --- ckpt_path ------------------------------------------------------------------------------------------------
 def test_ckpt_last_without_a_checkpoint_warns_with_the_path(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="mgsr")
-    assert pipeline.resume_checkpoint("last", tmp_path / "run") is None
+    assert trainer.resume_checkpoint("last", tmp_path / "run") is None
     msg = " ".join(r.getMessage() for r in caplog.records if r.name == "mgsr")
     assert str(tmp_path / "run" / "checkpoints" / "last.ckpt") in msg
     assert "FROM SCRATCH" in msg and "hydra.run.dir" in msg
@@ -28,11 +29,11 @@ def test_ckpt_last_and_explicit_paths(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"x")
-    assert pipeline.resume_checkpoint("last", tmp_path / "run") == str(last)
-    assert pipeline.resume_checkpoint(str(last), tmp_path / "other") == str(last)
-    assert pipeline.resume_checkpoint(None, tmp_path) is None
+    assert trainer.resume_checkpoint("last", tmp_path / "run") == str(last)
+    assert trainer.resume_checkpoint(str(last), tmp_path / "other") == str(last)
+    assert trainer.resume_checkpoint(None, tmp_path) is None
     with pytest.raises(ConfigError, match="no checkpoint there"):
-        pipeline.resume_checkpoint(str(tmp_path / "missing.ckpt"), tmp_path / "run")
+        trainer.resume_checkpoint(str(tmp_path / "missing.ckpt"), tmp_path / "run")
 
 
 # --- exposure bias ---------------------------------------------------------------------------------------------
@@ -50,9 +51,9 @@ def test_exposure_bias_without_a_teacher_is_a_warned_and_recorded_skip(monkeypat
     def no_teacher(*a, **k):
         raise OSError("teacher cache is empty")
 
-    monkeypatch.setattr(pipeline, "ensure_teacher", no_teacher)
+    monkeypatch.setattr(evaluate, "ensure_teacher", no_teacher)
     caplog.set_level(logging.WARNING, logger="mgsr")
-    out = pipeline._exposure_bias(cfg, student, None, tokenizer=None, dm=dm)
+    out = evaluate.exposure_bias(cfg, student, None, tokenizer=None, dm=dm)
     assert out == {"skipped": "no teacher to compare with (OSError: teacher cache is empty)"}
     assert any("exposure bias skipped" in r.getMessage() and "teacher cache is empty" in r.getMessage()
                for r in caplog.records)
@@ -68,7 +69,7 @@ def test_exposure_bias_measurement_errors_are_not_swallowed(monkeypatch):
 
     monkeypatch.setattr(exposure, "measure_exposure_bias", broken)
     with pytest.raises(ValueError, match="shape mismatch"):
-        pipeline._exposure_bias(cfg, student, torch.nn.Linear(2, 2), tokenizer=None, dm=dm)
+        evaluate.exposure_bias(cfg, student, torch.nn.Linear(2, 2), tokenizer=None, dm=dm)
 
 
 # --- W&B sweep group -------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def test_sweep_group_failure_is_warned(monkeypatch, caplog):
     monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
     monkeypatch.setattr(HydraConfig, "get", staticmethod(broken))
     caplog.set_level(logging.WARNING, logger="mgsr")
-    assert pipeline._sweep_group(OmegaConf.create({"name": "mgsr"}), pipeline.Path("/tmp/sweep/0")) is None
+    assert trainer._sweep_group(OmegaConf.create({"name": "mgsr"}), Path("/tmp/sweep/0")) is None
     assert any("sweep group" in r.getMessage() and "hydra config unreadable" in r.getMessage() for r in caplog.records)
 
 

@@ -46,7 +46,7 @@ def test_load_model_and_tokenizer_default_to_no_remote_code(monkeypatch, tokeniz
 
 @pytest.mark.parametrize("flag", [None, True])
 def test_pipeline_passes_the_config_flag_only(monkeypatch, tokenizer, tmp_path, flag):
-    import mgsr.pipeline as pipeline
+    import mgsr.build.student as student_build
 
     calls = []
 
@@ -54,12 +54,12 @@ def test_pipeline_passes_the_config_flag_only(monkeypatch, tokenizer, tmp_path, 
         calls.append(kwargs)
         return build_from_config(ARCH, tokenizer)
 
-    monkeypatch.setattr(pipeline, "load_model", fake_load_model)
+    monkeypatch.setattr(student_build, "load_model", fake_load_model)
     overrides = [*TINY, f"cache_dir={tmp_path}", "model.student.name_or_path=org/some-model"]
     if flag is not None:
         overrides.append(f"model.trust_remote_code={str(flag).lower()}")
     cfg = compose_train(overrides)
-    pipeline.build_student(cfg, tokenizer)
+    student_build.build_student(cfg, tokenizer)
     assert calls[0]["trust_remote_code"] is bool(flag)
 
 

@@ -9,12 +9,16 @@ import torch
 from conftest import REPO, compose_train
 from transformers import AutoConfig
 
+from mgsr.build.data import build_datamodule
+from mgsr.build.module import build_module
+from mgsr.build.student import build_student
+from mgsr.build.teacher import ensure_teacher
+from mgsr.build.tokenizer import build_tokenizer as run_tokenizer
 from mgsr.config import ConfigError
 from mgsr.data.synthetic import make_synthetic_splits, synthetic_corpus
 from mgsr.data.tokenizer import build_tokenizer
 from mgsr.models import build_from_config, load_model, load_tokenizer
-from mgsr.pipeline import build_datamodule, build_module, build_student, ensure_teacher, run
-from mgsr.pipeline import build_tokenizer as run_tokenizer
+from mgsr.pipeline import run
 from mgsr.prune import check_prune_depth
 
 ARCH = {"n_positions": 512, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "n_head": 2}
@@ -191,7 +195,7 @@ def test_pruned_student_from_a_saved_teacher(saved):
     assert student.get_output_embeddings().weight.shape[0] == len(tok)  # the teacher's padding rows trimmed
     with pytest.raises(ConfigError, match=r"model.student.keep_layers=3: need 1 <= keep_layers <= 2"):
         check_prune_depth(_cfg(saved, "+model.student.init=prune", "+model.student.keep_layers=3"))
-    from mgsr.config import validate
+    from mgsr.build.validate import validate
 
     with pytest.raises(ConfigError, match="set model.teacher.name_or_path"):
         validate(compose_train(["+model.student.init=prune", "+model.student.keep_layers=2"]))

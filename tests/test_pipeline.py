@@ -102,7 +102,7 @@ def test_lightning_lines_print_once_and_without_the_cloud_tip():
 
     import lightning  # noqa: F401  (adds its own console handler on import)
 
-    from mgsr.pipeline import _DropLitLoggerTip, tidy_lightning_logging
+    from mgsr.build.trainer import _DropLitLoggerTip, tidy_lightning_logging
 
     class Collect(logging.Handler):
         def __init__(self):

@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO, SHARED, compose_train
 from omegaconf import open_dict
 
+from mgsr.build.data import eval_sets
 from mgsr.config import ConfigError
 from mgsr.data.collate import encode_records
 from mgsr.data.datamodule import DistillDataModule
@@ -16,7 +17,7 @@ from mgsr.data.tokenizer import build_tokenizer
 from mgsr.generation import SamplingConfig
 from mgsr.models import build_from_config
 from mgsr.module import DistillModule
-from mgsr.pipeline import eval_sets, run
+from mgsr.pipeline import run
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
@@ -96,7 +97,7 @@ def test_chat_format_with_a_tokenizer_without_template_is_one_config_error(tmp_p
         run(cfg, tmp_path / "run")
     with open_dict(cfg):
         cfg.data.prompt_format = "markdown"
-    from mgsr.config import validate
+    from mgsr.build.validate import validate
 
     with pytest.raises(ConfigError, match="data.prompt_format='markdown': choose one of alpaca, chat"):
         validate(cfg)

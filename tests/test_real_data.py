@@ -10,13 +10,14 @@ from conftest import SHARED, compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from mgsr.build.data import build_datamodule, eval_sets
+from mgsr.build.tokenizer import build_tokenizer as pipeline_tokenizer
 from mgsr.config import ConfigError
 from mgsr.data.jsonl import load_jsonl_records
 from mgsr.data.tokenizer import build_tokenizer
 from mgsr.evaluation.entry import evaluate_from_config, load_eval_sets, settings_from
 from mgsr.models import build_from_config
-from mgsr.pipeline import build_datamodule, eval_sets, run
-from mgsr.pipeline import build_tokenizer as pipeline_tokenizer
+from mgsr.pipeline import run
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = SHARED / "data"
@@ -184,7 +185,7 @@ def test_dolly_from_the_hub_when_there_is_no_local_copy(tmp_path, monkeypatch):
     valid.jsonl (test) are fetched into the cache in the local layout. The download is faked offline."""
     import huggingface_hub
 
-    from mgsr.pipeline import resolve_data_path
+    from mgsr.build.data import resolve_data_path
 
     dolly = DATA / "dolly"
     raw = tmp_path / "raw.jsonl"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mgsr.report import Run, build_report, log_wandb_table, main, sweep_group, variant_labels, write_report
+from mgsr.build.trainer import sweep_group
+from mgsr.report import Run, build_report, log_wandb_table, main, variant_labels, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,8 +199,8 @@ def _gpt(seed):
 def test_prefix_kl_is_the_per_step_teacher_student_kl_nan_past_the_end():
     import torch
 
+    from mgsr.data.collate import pad_rows
     from mgsr.evaluation.exposure import prefix_kl
-    from mgsr.replay import pad_rows
 
     teacher, student = _gpt(0), _gpt(1)
     seqs = pad_rows([(torch.tensor([5, 6]), torch.tensor([7, 8, 9, 1])), (torch.tensor([4]), torch.tensor([3, 1]))],

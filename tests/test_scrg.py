@@ -5,7 +5,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mgsr.sequences import SequenceSource
 from mgsr.generation import SamplingConfig, generate
 from mgsr.scrg import (
     RevisionStats,
@@ -15,6 +14,7 @@ from mgsr.scrg import (
     rollout_and_revise,
     token_divergence,
 )
+from mgsr.sequences import SequenceSource
 
 EOS, PAD = 1, 0
 

@@ -11,7 +11,8 @@ from conftest import REPO, compose_train
 from omegaconf import OmegaConf
 
 from mgsr import sources
-from mgsr.config import ConfigError, validate
+from mgsr.build.validate import validate
+from mgsr.config import ConfigError
 
 
 @pytest.fixture

@@ -6,7 +6,10 @@ import json
 import pytest
 from conftest import compose_train
 
-from mgsr.pipeline import build_tokenizer, run, student_init_path, teacher_cache_path
+from mgsr.build.student import student_init_path
+from mgsr.build.teacher import teacher_cache_path
+from mgsr.build.tokenizer import build_tokenizer
+from mgsr.pipeline import run
 
 
 def _keys(tmp_path, *overrides):
@@ -47,7 +50,7 @@ def test_every_method_starts_from_the_cached_student_init(tmp_path, tiny_overrid
     """SFT and KD at one seed load the same init (trained once); from scratch is a switch."""
     import torch
 
-    from mgsr.pipeline import build_student
+    from mgsr.build.student import build_student
 
     cache = tmp_path / "cache"
     cfg = compose_train([*tiny_overrides, f"cache_dir={cache}", "model.student_init.max_steps=3"])

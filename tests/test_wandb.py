@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY, compose_train
 
-from mgsr.pipeline import build_loggers, run, wandb_offline_dir
+from mgsr.build.trainer import build_loggers, wandb_offline_dir
+from mgsr.pipeline import run
 
 
 def _finish(loggers) -> None:

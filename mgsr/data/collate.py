@@ -126,3 +126,21 @@ class Collator:
             "prompts": [f["prompt"] for f in features],
             "references": [list(f["references"]) for f in features],
         }
+
+
+def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], *, pad_id: int, device=None) -> dict:
+    """(prompt, response) id pairs -> canonical layout (prompt left-padded, response right-padded)."""
+    P = max(len(p) for p, _ in rows)
+    R = max(max(len(r) for _, r in rows), 1)
+    B = len(rows)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    resp_mask = torch.zeros((B, P + R), dtype=torch.bool)
+    for b, (p, r) in enumerate(rows):
+        ids[b, P - len(p):P], attn[b, P - len(p):P] = p, 1
+        ids[b, P:P + len(r)], attn[b, P:P + len(r)], resp_mask[b, P:P + len(r)] = r, 1, True
+    out = {"input_ids": ids, "attention_mask": attn, "response_mask": resp_mask, "prompt_len": P,
+           "prompt_ids": ids[:, :P], "prompt_attention_mask": attn[:, :P]}
+    if device is not None:
+        out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in out.items()}
+    return out

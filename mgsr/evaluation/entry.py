@@ -114,10 +114,19 @@ def resolve_model(cfg: DictConfig):
     return model, load_tokenizer(tok_path or str(cfg.model_path), trust_remote_code=cfg.trust_remote_code)
 
 
-def settings_from(cfg: DictConfig) -> EvalSettings:
+_FROM_CFG = object()  # settings_from: read the value from the config node itself
+
+
+def settings_from(cfg: DictConfig, *, max_prompt_len=_FROM_CFG, limit=_FROM_CFG) -> EvalSettings:
+    """The evaluation settings of a config node: evaluate.py's config (conf/evaluate.yaml), or a training run's
+    `eval` node (conf/train.yaml; mgsr.build.evaluate.eval_settings), which has no max_length, length_budget
+    or exact_match (so: max_new_tokens, padded, minillm) and whose prompt bound and limit come from elsewhere in
+    the run's config (`data.max_prompt_len`, `eval_limit`): pass them as `max_prompt_len` and `limit`."""
     from mgsr.evaluation.metrics import EXACT_MATCH_NORMALIZATIONS
     from mgsr.evaluation.run import LENGTH_BUDGETS
 
+    max_prompt_len = cfg.max_prompt_len if max_prompt_len is _FROM_CFG else max_prompt_len
+    limit = cfg.limit if limit is _FROM_CFG else limit
     new, total = cfg.get("max_new_tokens"), cfg.get("max_length")
     if (new is None) == (total is None):
         raise ConfigError(f"max_new_tokens={new}, max_length={total}: set exactly one of them (the other null)")
@@ -126,16 +135,16 @@ def settings_from(cfg: DictConfig) -> EvalSettings:
     budget = cfg.get("length_budget", "padded")
     if budget not in LENGTH_BUDGETS:
         raise ConfigError(f"length_budget={budget!r}: choose one of {', '.join(LENGTH_BUDGETS)}")
-    if total is not None and int(total) <= int(cfg.max_prompt_len):
-        raise ConfigError(f"max_length={total}: must exceed max_prompt_len={cfg.max_prompt_len} (it counts prompt "
+    if total is not None and int(total) <= int(max_prompt_len):
+        raise ConfigError(f"max_length={total}: must exceed max_prompt_len={max_prompt_len} (it counts prompt "
                           "and response tokens)")
     em = cfg.get("exact_match", "minillm")
     if em not in EXACT_MATCH_NORMALIZATIONS:
         raise ConfigError(f"exact_match={em!r}: choose one of {', '.join(EXACT_MATCH_NORMALIZATIONS)}")
     return EvalSettings(seeds=tuple(cfg.seeds), batch_size=cfg.batch_size, max_new_tokens=new, max_length=total,
                         length_budget=budget, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                        no_repeat_ngram_size=cfg.no_repeat_ngram_size, max_prompt_len=cfg.max_prompt_len,
-                        limit=cfg.limit, exact_match=em)
+                        no_repeat_ngram_size=cfg.no_repeat_ngram_size, max_prompt_len=max_prompt_len,
+                        limit=limit, exact_match=em)
 
 
 def evaluate_from_config(cfg: DictConfig, out_dir: Path, log=print) -> dict:

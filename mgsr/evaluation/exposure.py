@@ -20,19 +20,12 @@ import math
 
 import torch
 
+from mgsr.data.collate import pad_rows
 from mgsr.evaluation.metrics import exposure_bias
 from mgsr.evaluation.run import encode_prompts
-from mgsr.generation import SamplingConfig, generate, position_ids
+from mgsr.generation import SamplingConfig, generate, response_logits
 from mgsr.losses.divergences import align_vocab, forward_kl
 from mgsr.models import shared_vocab_size
-from mgsr.replay import pad_rows
-
-
-def _response_logits(model, seqs: dict) -> torch.Tensor:
-    """Logits predicting each response token, [B, R, V] (position t predicts response token t)."""
-    ids, attn, P = seqs["input_ids"], seqs["attention_mask"], seqs["prompt_len"]
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=ids.shape[1] - P + 1)
-    return out.logits[:, :-1]
 
 
 @torch.no_grad()
@@ -40,8 +33,8 @@ def prefix_kl(teacher, student, seqs: dict, vocab_size: int) -> torch.Tensor:
     """Per-step KL(p || q) [B, R] on the responses of canonical-layout `seqs`, NaN past each response's end
     (so padding never enters a mean). Math in float32."""
     P = seqs["prompt_len"]
-    t_logits, s_logits = align_vocab(_response_logits(teacher, seqs).float(),
-                                     _response_logits(student, seqs).float(), vocab_size)
+    t_logits, s_logits = align_vocab(response_logits(teacher, seqs).float(),
+                                     response_logits(student, seqs).float(), vocab_size)
     kl = forward_kl(t_logits, s_logits)
     return kl.masked_fill(~seqs["response_mask"][:, P:], math.nan)
 

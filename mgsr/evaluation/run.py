@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mgsr.data.collate import pad_rows
 from mgsr.evaluation.metrics import distinct_n, exact_match, postprocess, rouge_l
 from mgsr.evaluation.tables import summarise_seeds
 from mgsr.generation import SamplingConfig, generate
-from mgsr.replay import pad_rows
 
 LENGTH_BUDGETS = ("padded", "per_row")
 

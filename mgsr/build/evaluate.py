@@ -1,0 +1,89 @@
+"""The final evaluation of a run: its sets with its settings, exposure bias against the teacher, results.json /
+results.md; and `eval_only` runs, which evaluate the teacher or the student's start instead of training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mgsr.build.student import build_student
+from mgsr.build.teacher import ensure_teacher
+from mgsr.config import ConfigError
+from mgsr.evaluation.entry import settings_from
+from mgsr.evaluation.run import EvalSettings, evaluate_sets
+from mgsr.evaluation.tables import markdown_table
+
+log = logging.getLogger("mgsr")
+
+
+def final_evaluation(cfg: DictConfig, model, tokenizer, final_sets, results: dict) -> None:
+    sets, labels, skipped = final_sets
+    results["eval"] = evaluate_sets(model, tokenizer, sets, eval_settings(cfg), log=log.info)
+    results["eval"].update(labels=labels, skipped_rows=skipped)
+    results["table"] = markdown_table(results["eval"]["summary"], metrics=("rougeL", "distinct_1", "distinct_2",
+                                      "exact_match", "tokens_per_s"), set_order=list(sets), label_overrides=labels)
+
+
+def write_results(run_dir: Path, results: dict, t_start: float) -> None:
+    results["wall_time_s"] = time.perf_counter() - t_start
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    if "table" in results:
+        (run_dir / "results.md").write_text(results["table"])
+
+
+EVAL_ONLY = ("teacher", "student_init")
+
+
+def evaluate_reference(cfg: DictConfig, run_dir: Path, tokenizer, dm, final_sets, t_start: float) -> dict:
+    """`eval_only=teacher|student_init`: evaluate the run's teacher, or the student as every method starts it,
+    with the final evaluation's settings, and write results.json like a trained run (a comparison's reference
+    rows)."""
+    which = cfg.eval_only
+    model = ensure_teacher(cfg, tokenizer, dm) if which == "teacher" else build_student(cfg, tokenizer)
+    results = {"name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir), "eval_only": which,
+               "data_stats": dm.stats}
+    final_evaluation(cfg, model, tokenizer, final_sets, results)
+    if which == "student_init" and cfg.eval.get("exposure_bias"):
+        results["exposure"] = exposure_bias(cfg, model, None, tokenizer, dm)
+    write_results(run_dir, results, t_start)
+    return results
+
+
+def exposure_bias(cfg: DictConfig, student, teacher, tokenizer, dm) -> dict:
+    """ExAccErr@15 on dev prompts (METHOD.md 7); loads the (cached) teacher for runs that trained without it.
+    Without a loadable teacher it is skipped with a warning and {"skipped": reason}; a failure of the
+    measurement itself is a bug and is raised."""
+    from mgsr.evaluation.exposure import measure_exposure_bias
+
+    e = cfg.eval
+    if teacher is None:
+        try:
+            teacher = ensure_teacher(cfg, tokenizer, dm)
+        except (ConfigError, OSError, ValueError) as err:  # no teacher to compare with: skip, never fail the run
+            reason = f"no teacher to compare with ({type(err).__name__}: {err})"
+            log.warning("exposure bias skipped: %s", reason)
+            return {"skipped": reason}
+    teacher.to(next(student.parameters()).device)
+    out = measure_exposure_bias(teacher, student, tokenizer, dm.records["val"], n_prompts=e.exposure_prompts,
+                                seed=e.exposure_seed, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                max_prompt_len=cfg.data.max_prompt_len)
+    log.info("exposure bias: ExAccErr@%d = %.1f%% on %d dev prompts", out["at"], out["exacc_err"], out["n_prompts"])
+    return out
+
+
+def eval_settings(cfg: DictConfig) -> EvalSettings:
+    """The final evaluation's settings: the run's `eval` node read as evaluate.py reads its config, with the
+    run's prompt bound (`data.max_prompt_len`) and `eval_limit`."""
+    return settings_from(cfg.eval, max_prompt_len=cfg.data.max_prompt_len, limit=eval_limit(cfg))
+
+
+def eval_limit(cfg: DictConfig) -> int | None:
+    """Prompts per final evaluation set: `eval.limit`, and never more than `data.max_eval_records`, the one
+    knob that bounds every evaluation of a run (it already cuts the dev and test splits, hence validation
+    and exposure bias)."""
+    limits = [int(x) for x in (cfg.eval.get("limit"), cfg.data.get("max_eval_records")) if x]
+    return min(limits) if limits else None

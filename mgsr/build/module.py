@@ -1,0 +1,42 @@
+"""The LightningModule of a run: the loss objects, SCRG, the sequence source and the samplers from config, around
+student and teacher."""
+
+from __future__ import annotations
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from mgsr.config import to_container
+from mgsr.generation import SamplingConfig
+from mgsr.module import DistillModule
+from mgsr.scrg import ScrgConfig
+from mgsr.sequences import build_sequence_source
+
+
+def scrg_config(cfg: DictConfig) -> ScrgConfig:
+    s = cfg.scrg
+    return ScrgConfig(rounds=s.rounds, mode=s.mode, teacher_token=s.teacher_token, divergence=s.divergence,
+                      threshold_mode=s.threshold_mode, threshold=s.threshold, quantile=s.quantile,
+                      max_corrections=s.max_corrections)
+
+
+def build_module(cfg: DictConfig, student, teacher, tokenizer) -> DistillModule:
+    loss = cfg.loss
+    distill = instantiate(loss.distill) if loss.get("distill") is not None and loss.distill_weight > 0 else None
+    span = instantiate(loss.span) if loss.get("span") is not None and loss.span_weight > 0 else None
+    val = SamplingConfig(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                         top_k=cfg.eval.top_k, top_p=cfg.eval.top_p)  # no n-gram ban for selection (METHOD.md 7)
+    return DistillModule(
+        student, tokenizer, teacher=teacher, sft_weight=loss.sft_weight, distill=distill,
+        distill_weight=loss.distill_weight, span=span, span_weight=loss.span_weight, scrg=scrg_config(cfg),
+        train_sampling=SamplingConfig(**to_container(cfg.scrg.sampling)), val_sampling=val,
+        optim=to_container(cfg.optim), val_generate=cfg.val_generate, seed=cfg.seed,
+        sequences=build_sequence_source(cfg.scrg, cfg.seed, instantiate=instantiate) if uses_student_sequences(cfg)
+        else None,
+    )
+
+
+def uses_student_sequences(cfg: DictConfig) -> bool:
+    """Whether the run distils on student sequences (a sequence source), rather than always on the gold batch."""
+    distills = cfg.loss.distill_weight > 0 or cfg.loss.span_weight > 0
+    return bool(distills and cfg.scrg.enabled)
