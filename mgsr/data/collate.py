@@ -41,14 +41,8 @@ def _assemble(prompt: str, refs: list[str], prompt_ids: list[int], full_ids: lis
     return {"prompt_ids": prompt_ids, "response_ids": response_ids, "prompt": prompt, "references": refs}
 
 
-def encode_record(
-    tokenizer,
-    record: dict,
-    *,
-    max_prompt_len: int = 256,
-    max_len: int = 512,
-    train: bool = True,
-) -> dict | None:
+def encode_record(tokenizer, record: dict, *, max_prompt_len: int = 256, max_len: int = 512,
+                  train: bool = True) -> dict | None:
     """Tokenise one normalised record (`prompt`, `references` or `output`) into a feature dict
     ``{"prompt_ids", "response_ids", "prompt", "references"}``.
 

@@ -230,21 +230,20 @@ def reference_row_terms(
     return terms
 
 
-def dac_kl_reference(
-    teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
-    mask: torch.Tensor,
-    lower: torch.Tensor | float,
-    upper: torch.Tensor | float,
-    *,
-    kappa: float = DEFAULT_KAPPA,
-    remainder: str = "merge",
-    band: str = "mass",
-    target_class: bool = True,
-    beta: float = 1.0,
-    hard: bool = False,
-) -> DacKlOutput:
-    """`dac_kl_loss` with every token through `reference_terms` (same arguments, same definition)."""
+# dac_kl_loss's keyword options and defaults (the fast entry point spells them out in its signature)
+REFERENCE_DEFAULTS = {"kappa": DEFAULT_KAPPA, "remainder": "merge", "band": "mass", "target_class": True, "beta": 1.0,
+                      "hard": False}
+
+
+def dac_kl_reference(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor,
+                     lower: torch.Tensor | float, upper: torch.Tensor | float, **options) -> DacKlOutput:
+    """`dac_kl_loss` with every token through `reference_terms` (same arguments, same definition). `options`: the
+    keyword options of `dac_kl_loss` (kappa, remainder, band, target_class, beta, hard), defaults included."""
+    unknown = set(options) - set(REFERENCE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"dac_kl_reference: unknown options {sorted(unknown)}")
+    o = {**REFERENCE_DEFAULTS, **options}
+    kappa, remainder, band, target_class, beta, hard = (o[k] for k in REFERENCE_DEFAULTS)
     check_options(band, remainder, target_class)
     terms = reference_row_terms(band=band, remainder=remainder, kappa=kappa, hard=hard,
                                 target_class=target_class)

@@ -182,18 +182,14 @@ def total_variation(teacher_logits: torch.Tensor, student_logits: torch.Tensor) 
 
 
 @register_divergence("sfkl")
-def skew_forward_kl(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1
-) -> torch.Tensor:
+def skew_forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """Skew FKL(alpha) = KL(p || alpha p + (1 - alpha) q) (DistiLLM, alpha = 0.1). alpha=0 is FKL. [B, T]."""
     lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
     return kl_from_log_probs(lp, log_mixture(lp, lq, alpha))
 
 
 @register_divergence("srkl")
-def skew_reverse_kl(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1
-) -> torch.Tensor:
+def skew_reverse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """Skew RKL(alpha) = KL(q || alpha q + (1 - alpha) p) (DistiLLM, alpha = 0.1). alpha=0 is RKL. [B, T]."""
     lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
     return kl_from_log_probs(lq, log_mixture(lq, lp, alpha))
