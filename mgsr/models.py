@@ -67,10 +67,17 @@ def shared_vocab_size(tokenizer, *models) -> int:
     e.g. 50257 tokens in a 50304-row matrix)."""
     n = len(tokenizer)
     for m in models:
-        rows = m.get_output_embeddings().weight.shape[0]
-        if rows < n:
-            raise ValueError(f"model has {rows} output rows but the tokenizer has {n} tokens; wrong tokenizer?")
+        output_rows(m, n)
     return n
+
+
+def output_rows(model, n_tokens: int) -> int:
+    """The model's output rows; fewer than the tokenizer's `n_tokens` is a ValueError (wrong tokenizer)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < n_tokens:
+        raise ValueError(f"{type(model).__name__} has {rows} output rows but the tokenizer has {n_tokens} tokens; "
+                         "wrong tokenizer?")
+    return rows
 
 
 def freeze(model):
@@ -97,10 +104,7 @@ def trim_vocab(model, n_tokens: int):
     tokens), so teacher and student logits have the tokenizer's width: SCRG compares them position by
     position, and a padding id can never be sampled. Softmax over the kept rows is what `align_vocab` computes
     for the losses anyway. Fewer rows than tokens is an error (wrong tokenizer)."""
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows < n_tokens:
-        raise ValueError(f"{type(model).__name__} has {rows} output rows but the tokenizer has {n_tokens} tokens; "
-                         "wrong tokenizer?")
+    rows = output_rows(model, n_tokens)
     if rows > n_tokens:
         log.info("%s: dropping %d padded vocabulary rows (%d -> %d)", type(model).__name__, rows - n_tokens, rows,
                  n_tokens)

@@ -30,6 +30,7 @@ LAYERS = {
     "mgsr.sources": 2,
     "mgsr.generation": 2,
     "mgsr.sharding": 2,
+    "mgsr.rng": 2,
     "mgsr.losses.*": 3,
     "mgsr.spans": 3,
     "mgsr.span_alignment": 3,

@@ -12,7 +12,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mgsr.generation import SamplingConfig
-from mgsr.module import DeviceGenerators, DistillModule, StepRngStream
+from mgsr.module import DistillModule
+from mgsr.rng import DeviceGenerators, StepRngStream
 from mgsr.scrg import ScrgConfig
 
 EOS, PAD = 1, 0
