@@ -63,7 +63,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     teacher = ensure_teacher(cfg, tokenizer, dm) if distills else None
     seqkd_stats = seqkd_data(cfg, tokenizer, dm, teacher)
     student = build_student(cfg, tokenizer)
-    module = build_module(cfg, student, teacher, tokenizer)
+    module = build_module(cfg, student, teacher, tokenizer, dm)
 
     # fit
     trainer, cost, loggers = fit(cfg, run_dir, module, dm)

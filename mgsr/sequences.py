@@ -20,6 +20,13 @@ Teacher samples (SeqKD) are not a per-step source: they replace the gold respons
   step draws u ~ U(0, 1): fresh when u < phi * r(t) (r(t) = 1 - t/T for `replay_ratio: decreasing`) or when
   u < phi and the buffer is not yet full; replay when u < phi otherwise; gold else.
 
+Rollouts ahead (`scrg.rollout_batches = k`): a fresh request with no pending rollouts generates, in ONE decode
+call over k x batch prompts, the rollouts (and their SCRG revision) of this batch's prompts and of k - 1 more batches
+of training prompts drawn by the source's own seeded stream; the later requests are served from that stock. Decode
+cost is paid once per k batches (fixed per-call overhead, better batching on a GPU); the price is staleness: a
+served rollout was made by the policy of up to k - 1 fresh requests earlier (`seq/staleness`, in optimiser steps,
+is logged). k = 1 is plain on-policy generation on the batch's prompts.
+
 Schedules and the source are plain objects with `state_dict` / `load_state_dict` (no Lightning); the module saves
 the source's state (buffer, coin-flip generator, schedule, counts) in its checkpoints, so a resume is exact.
 """
@@ -30,10 +37,12 @@ from collections.abc import Callable
 
 import torch
 
+from mgsr.data.collate import left_pad
 from mgsr.replay import ReplayBuffer
 
 SOURCES = ("gold", "fresh", "replay")
 COIN_SEED_OFFSET = 7  # the coin-flip generator's seed is the run's + 7: a stream apart from the replay buffer's
+PROMPT_SEED_OFFSET = 11  # the stream that draws the extra prompts of rollouts made ahead
 
 
 class EveryNSteps:
@@ -163,14 +172,24 @@ class SequenceSource:
     from the source's own generator, the replay draws from the buffer's, so neither moves the training stream.
     """
 
-    def __init__(self, schedule=None, *, every_n_steps: int = 1, buffer_capacity: int = 256, seed: int = 0):
+    def __init__(self, schedule=None, *, every_n_steps: int = 1, buffer_capacity: int = 256, seed: int = 0,
+                 rollout_batches: int = 1, prompts: list | None = None):
         if every_n_steps <= 0:
             raise ValueError(f"scrg.every_n_steps must be >= 1, got {every_n_steps}")
+        if rollout_batches <= 0:
+            raise ValueError(f"scrg.rollout_batches must be >= 1, got {rollout_batches}")
+        if rollout_batches > 1 and not prompts:
+            raise ValueError("scrg.rollout_batches > 1 needs the training prompts to draw the extra batches from")
         self.schedule = schedule if schedule is not None else EveryNSteps()
         self.every_n_steps = every_n_steps
         self.buffer = ReplayBuffer(buffer_capacity, seed=seed)
         self._gen = torch.Generator().manual_seed(seed + COIN_SEED_OFFSET)
         self.counts = dict.fromkeys(SOURCES, 0)
+        self.rollout_batches = rollout_batches
+        self.prompts = prompts  # training prompt ids (lists or 1-d tensors): the pool of the k - 1 extra batches
+        self._prompt_gen = torch.Generator().manual_seed(seed + PROMPT_SEED_OFFSET)
+        self.pending: list[dict] = []  # rollouts made ahead, CPU tensors, oldest first; each has "made_at"
+        self.last_staleness = 0
 
     @property
     def wants_reference(self) -> bool:
@@ -191,15 +210,32 @@ class SequenceSource:
         if source == "gold":
             return source, None
         if source == "fresh":
-            seqs = rollout(batch)
+            seqs = self._fresh(batch, step, rollout, pad_id, device) if self.rollout_batches > 1 else rollout(batch)
             self.buffer.add(seqs)
             return source, seqs
         return source, self.buffer.sample(batch["input_ids"].shape[0], pad_id=pad_id, device=device)
 
+    def _fresh(self, batch: dict, step: int, rollout, pad_id: int, device) -> dict:
+        """The next rollout from the stock made ahead; an empty stock is refilled with one decode call over this
+        batch's prompts and k - 1 batches of drawn training prompts (served in that order)."""
+        if not self.pending:
+            bsz = batch["prompt_ids"].shape[0]
+            own = [row[mask.bool()].cpu() for row, mask in zip(batch["prompt_ids"], batch["prompt_attention_mask"])]
+            idx = torch.randint(len(self.prompts), ((self.rollout_batches - 1) * bsz,), generator=self._prompt_gen)
+            extra = [torch.as_tensor(self.prompts[i], dtype=torch.long) for i in idx.tolist()]
+            ids, mask = left_pad(own + extra, pad_id=pad_id)
+            dev = batch["prompt_ids"].device
+            seqs = rollout({"prompt_ids": ids.to(dev), "prompt_attention_mask": mask.to(dev), "input_ids": ids})
+            self.pending = [dict(_rows(seqs, slice(i, i + bsz)), made_at=step) for i in range(0, ids.shape[0], bsz)]
+        out = self.pending.pop(0)
+        self.last_staleness = step - out.pop("made_at")
+        return {k: (v.to(device) if torch.is_tensor(v) and device is not None else v) for k, v in out.items()}
+
     def schedule_logs(self, step: int, total: int) -> dict[str, float]:
+        logs = {"seq/staleness": float(self.last_staleness)} if self.rollout_batches > 1 else {}
         if not getattr(self.schedule, "logs_schedule", False):
-            return {}
-        return {"sched/student_prob": self.schedule.prob(step, total), "sched/fresh_steps": float(self.counts["fresh"]),
+            return logs
+        return logs | {"sched/student_prob": self.schedule.prob(step, total), "sched/fresh_steps": float(self.counts["fresh"]),
                 "sched/replay_steps": float(self.counts["replay"])}
 
     def observe(self, metrics) -> None:
@@ -211,7 +247,8 @@ class SequenceSource:
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer.state_dict(), "gen": self._gen.get_state(), "counts": dict(self.counts),
-                "schedule": self.schedule.state_dict()}
+                "schedule": self.schedule.state_dict(), "pending": [dict(p) for p in self.pending],
+                "prompt_gen": self._prompt_gen.get_state(), "last_staleness": self.last_staleness}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer.load_state_dict(state["buffer"])
@@ -222,12 +259,24 @@ class SequenceSource:
             self.counts.update(fresh=int(state.get("triggers", 0)), replay=int(state.get("replays", 0)))
         if "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
+        self.pending = [dict(p) for p in state.get("pending", [])]
+        if "prompt_gen" in state:
+            self._prompt_gen.set_state(state["prompt_gen"])
+        self.last_staleness = int(state.get("last_staleness", 0))
 
 
-def build_sequence_source(scrg, seed: int, *, instantiate=None) -> SequenceSource:
+def _rows(seqs: dict, rows: slice) -> dict:
+    """Rows of a canonical-layout batch, on the CPU, without the response columns that none of them uses."""
+    P = seqs["prompt_len"]
+    width = P + max(int(seqs["response_mask"][rows, P:].sum(-1).max()), 1)
+    out = {k: v[rows, :width].cpu() for k, v in seqs.items() if k in ("input_ids", "attention_mask", "response_mask")}
+    return out | {"prompt_len": P, "prompt_ids": out["input_ids"][:, :P], "prompt_attention_mask": out["attention_mask"][:, :P]}
+
+
+def build_sequence_source(scrg, seed: int, *, instantiate=None, prompts=None) -> SequenceSource:
     """The source a run's `scrg` config describes: `scrg.schedule` (a `_target_` node, built with `instantiate`)
-    or, without one, `EveryNSteps(scrg.student_prob)`."""
+    or, without one, `EveryNSteps(scrg.student_prob)`; `prompts`: the training prompts (for rollouts made ahead)."""
     schedule = instantiate(scrg.schedule) if scrg.get("schedule") is not None else \
         EveryNSteps(float(scrg.get("student_prob", 1.0)))
     return SequenceSource(schedule, every_n_steps=int(scrg.every_n_steps), buffer_capacity=int(scrg.buffer_capacity),
-                          seed=seed)
+                          seed=seed, rollout_batches=int(scrg.get("rollout_batches", 1)), prompts=prompts)

@@ -21,7 +21,10 @@ MAX_STEPS = 8
 # Replay on every other step (scrg.every_n_steps=2) so the buffer and its sampler RNG are exercised;
 # checkpoints every 2 steps, validation every 3, one epoch = 8 batches: every kill point is mid-epoch.
 RUN = [*TINY, f"trainer.max_steps={MAX_STEPS}", "checkpoint.every_n_train_steps=2", "trainer.val_check_interval=3",
-       "scrg.every_n_steps=2", "trainer.deterministic=true", "eval.exposure_bias=false"]
+       "trainer.deterministic=true", "eval.exposure_bias=false"]
+# the two ways sequences are reused: the replay buffer between triggers, and rollouts made 3 batches ahead (the
+# kill at step 2 leaves one of them pending in the checkpoint)
+SOURCES = {"replay": ["scrg.every_n_steps=2"], "ahead": ["scrg.every_n_steps=1", "scrg.rollout_batches=3"]}
 
 
 def _env() -> dict:
@@ -34,6 +37,11 @@ def _cmd(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "train.py", *RUN, f"cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *extra]
 
 
+@pytest.fixture(params=list(SOURCES))
+def source(request) -> tuple[str, list[str]]:
+    return request.param, SOURCES[request.param]
+
+
 def _run(run_dir: Path, cache_dir: Path, *extra: str) -> str:
     out = subprocess.run(_cmd(run_dir, cache_dir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=900)
@@ -41,11 +49,11 @@ def _run(run_dir: Path, cache_dir: Path, *extra: str) -> str:
     return out.stdout + out.stderr
 
 
-def _start_and_kill(run_dir: Path, cache_dir: Path) -> int:
+def _start_and_kill(run_dir: Path, cache_dir: Path, *extra: str) -> int:
     """Start a run, SIGKILL it as soon as its first step checkpoint exists; returns that checkpoint's step."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     with open(run_dir.parent / "killed.log", "w") as log:
-        proc = subprocess.Popen(_cmd(run_dir, cache_dir), cwd=REPO, env=_env(), stdout=log, stderr=log)
+        proc = subprocess.Popen(_cmd(run_dir, cache_dir, *extra), cwd=REPO, env=_env(), stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + 900
             while not ckpt.exists():  # Lightning writes checkpoints atomically (temp file + rename)
@@ -83,13 +91,17 @@ def _assert_same(a, b, path="") -> None:
 
 
 @pytest.mark.slow  # three training subprocesses: ~40 s on an idle 2-core machine, ~100 s on a loaded one
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir):
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir, source):
+    kind, extra = source
     straight, killed = tmp_path / "straight" / "run", tmp_path / "killed" / "run"
     killed.parent.mkdir()
-    _run(straight, cache_dir)  # also fills the tokenizer / teacher cache the other runs use
-    step = _start_and_kill(killed, cache_dir)
+    _run(straight, cache_dir, *extra)  # also fills the tokenizer / teacher cache the other runs use
+    step = _start_and_kill(killed, cache_dir, *extra)
     assert 0 < step < MAX_STEPS and step % 2 == 0
-    log = _run(killed, cache_dir, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}")  # same run dir
+    if kind == "ahead":  # killed with rollouts made ahead still in stock
+        pending = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert len(pending["sequence_source"]["pending"]) == (3 - step % 3) % 3 > 0
+    log = _run(killed, cache_dir, *extra, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}")  # same run dir
     assert "Restored all states from the checkpoint" in log  # resumed, not restarted from step 0
 
     a, b = (json.loads((d / "results.json").read_text()) for d in (straight, killed))
@@ -108,7 +120,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, cache_dir
     _assert_same(ca["optimizer_states"], cb["optimizer_states"], "optimizer")
     _assert_same(ca["lr_schedulers"], cb["lr_schedulers"], "lr_schedulers")
     _assert_same(ca["sequence_source"], cb["sequence_source"], "sequence_source")
-    assert ca["sequence_source"]["counts"]["replay"] > 0  # the replay buffer was used and restored
+    if kind == "replay":
+        assert ca["sequence_source"]["counts"]["replay"] > 0  # the replay buffer was used and restored
+    else:
+        assert ca["sequence_source"]["counts"]["fresh"] == MAX_STEPS  # every step served a rollout made ahead
     _assert_same(ca["rng"], cb["rng"], "rng")
 
     last_a, last_b = _last_row(straight), _last_row(killed)

@@ -20,7 +20,8 @@ def scrg_config(cfg: DictConfig) -> ScrgConfig:
                       max_corrections=s.max_corrections)
 
 
-def build_module(cfg: DictConfig, student, teacher, tokenizer) -> DistillModule:
+def build_module(cfg: DictConfig, student, teacher, tokenizer, dm=None) -> DistillModule:
+    """`dm` (the set-up datamodule) lends its training prompts to rollouts made ahead (`scrg.rollout_batches > 1`)."""
     loss = cfg.loss
     distill = instantiate(loss.distill) if loss.get("distill") is not None and loss.distill_weight > 0 else None
     span = instantiate(loss.span) if loss.get("span") is not None and loss.span_weight > 0 else None
@@ -31,8 +32,8 @@ def build_module(cfg: DictConfig, student, teacher, tokenizer) -> DistillModule:
         distill_weight=loss.distill_weight, span=span, span_weight=loss.span_weight, scrg=scrg_config(cfg),
         train_sampling=SamplingConfig(**to_container(cfg.scrg.sampling)), val_sampling=val,
         optim=to_container(cfg.optim), val_generate=cfg.val_generate, seed=cfg.seed,
-        sequences=build_sequence_source(cfg.scrg, cfg.seed, instantiate=instantiate) if uses_student_sequences(cfg)
-        else None,
+        sequences=build_sequence_source(cfg.scrg, cfg.seed, instantiate=instantiate, prompts=training_prompts(cfg, dm))
+        if uses_student_sequences(cfg) else None,
     )
 
 
@@ -40,3 +41,10 @@ def uses_student_sequences(cfg: DictConfig) -> bool:
     """Whether the run distils on student sequences (a sequence source), rather than always on the gold batch."""
     distills = cfg.loss.distill_weight > 0 or cfg.loss.span_weight > 0
     return bool(distills and cfg.scrg.enabled)
+
+
+def training_prompts(cfg: DictConfig, dm) -> list | None:
+    """The training split's prompt ids, when rollouts are made ahead (the pool of their extra batches)."""
+    if int(cfg.scrg.get("rollout_batches", 1)) <= 1 or dm is None:
+        return None
+    return [f["prompt_ids"] for f in dm.datasets["train"].features]

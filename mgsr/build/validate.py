@@ -58,6 +58,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"scrg.sampling.max_new_tokens={s.sampling.max_new_tokens}: must be > 0")
     if int(cfg.eval.max_new_tokens) <= 0:
         raise ConfigError(f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be > 0")
+    if int(s.get("rollout_batches", 1)) <= 0:
+        raise ConfigError(f"scrg.rollout_batches={s.rollout_batches}: must be >= 1 (1 = rollouts on each batch's prompts)")
     if int(s.buffer_capacity) <= 0:
         raise ConfigError(f"scrg.buffer_capacity={s.buffer_capacity}: must be > 0")
     _check_switches(cfg, weights)
