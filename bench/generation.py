@@ -5,6 +5,7 @@ size and length cap).
 
     python bench/generation.py                         # tiny student and teacher architectures, 64 prompts
     python bench/generation.py --models student --prompts 32 --max-new-tokens 32
+    python bench/generation.py --device cuda           # the same on a GPU (bench/gpu_check.sh)
 
 Models are randomly initialised from conf/model/tiny.yaml (throughput does not depend on training; a random
 model rarely emits EOS, so both generators run to the cap and produce the same number of tokens). Tokens are
@@ -41,6 +42,7 @@ def hf_loop(model, tokenizer, prompt_ids: list[torch.Tensor], *, batch_size: int
         for i, r in enumerate(rows):
             ids[i, width - len(r):] = r
             mask[i, width - len(r):] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                  top_p=1.0, no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens,
@@ -64,6 +66,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cache-dir", default=str(REPO / ".cache" / "mgsr"), help="tokenizer cache")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "generation.json"))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     add_threads_arg(p)
     args = p.parse_args()
     set_threads(args.threads)
@@ -79,7 +82,7 @@ def main() -> None:
 
     rows = []
     for which in args.models:
-        model = build_from_config(dict(cfg.model[which].arch), tokenizer, seed=0).eval()
+        model = build_from_config(dict(cfg.model[which].arch), tokenizer, seed=0).eval().to(args.device)
         runs = {
             "evaluate.py generator": lambda s, m=model: generate_responses(m, tokenizer, prompt_ids, sampling, seed=s,
                                                                            batch_size=args.batch_size)[1],

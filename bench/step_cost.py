@@ -13,6 +13,13 @@ differ: SCRG every 4 steps, GKD's lambda, ImitKD's schedule). Peak memory: the m
 during one (separate, profiled) step, above what was live before it. Ratios are to KD (forward KL + SFT on gold).
 Models are randomly initialised (the cost does not depend on training; a random student rarely emits EOS, so
 rollouts run to the length cap: the worst case for generation).
+
+On a GPU, at a model preset's shapes (random init, the tiny offline tokenizer: its vocabulary, not 50257):
+
+    python bench/step_cost.py --device cuda --model gpt2_xl_to_gpt2 --random-init --dtype bfloat16 --steps 4 \
+        --rounds 1 --methods kd mgsr
+
+(there the SCRG re-generation and DAC-KL-alone parts are skipped: they are the CPU measurements).
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ from mgsr.build.tokenizer import build_tokenizer
 from mgsr.generation import SamplingConfig, continue_generation, generate
 from mgsr.models import build_from_config, freeze
 from mgsr.scrg import ScrgConfig, pick_corrections, score, token_divergence
+
+# --model presets usable with --random-init: (teacher, student) GPT-2 shapes of conf/model/<name>.yaml's hub models
+MODEL_SHAPES = {
+    "gpt2_xl_to_gpt2": ({"n_layer": 48, "n_embd": 1600, "n_head": 25}, {"n_layer": 12, "n_embd": 768, "n_head": 12}),
+    "gpt2_xl_to_gpt2_medium": ({"n_layer": 48, "n_embd": 1600, "n_head": 25},
+                               {"n_layer": 24, "n_embd": 1024, "n_head": 16}),
+}
 
 # name -> (Hydra overrides, what one step does)
 METHODS = {
@@ -73,7 +87,12 @@ class StepTimer(L.Callback):
         self._t0 = self._prof = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.profile_step:
+        if trainer.global_step == self.profile_step and torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            self._prof = "cuda"
+        elif trainer.global_step == self.profile_step:
             from torch.profiler import ProfilerActivity, profile
 
             self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -81,8 +100,12 @@ class StepTimer(L.Callback):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         dt = time.perf_counter() - self._t0
-        if self._prof is not None:
+        if self._prof == "cuda":
+            self.peak, self._prof = torch.cuda.max_memory_allocated() - self._base, None
+        elif self._prof is not None:
             self._prof.stop()
             events = sorted((e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                             key=lambda e: e.start_ns())
@@ -95,12 +118,15 @@ class StepTimer(L.Callback):
             self.times.append(dt)
 
 
+TRAINER = {"accelerator": "cpu"}  # main() sets gpu / bf16-mixed for --device cuda
+
+
 def fit_steps(cfg, student, teacher, tokenizer, batch, steps: int, profile_step: int | None = None):
     """Run `steps` optimiser steps of the method `cfg` on copies of the same batch; returns the StepTimer."""
     module = build_module(cfg, student, teacher, tokenizer)
     timer = StepTimer(profile_step)
     callbacks = [timer]  # the module's sequence source (built with it) makes the rollouts inside the step
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, logger=False,
+    trainer = L.Trainer(**TRAINER, devices=1, max_steps=steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=callbacks)
     loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b)
@@ -173,9 +199,21 @@ def main() -> None:
     p.add_argument("--cache-dir", default=str(REPO / ".cache" / "mgsr"), help="tokenizer cache")
     p.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for every method")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "step_cost.json"))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default="tiny", choices=["tiny", *MODEL_SHAPES],
+                   help="shapes: tiny (conf/model/tiny.yaml) or a preset's, random init (needs --random-init)")
+    p.add_argument("--random-init", action="store_true", help="random init at --model's shapes (no hub access)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: bf16 teacher and bf16-mixed training (as trainer=gpu)")
     add_threads_arg(p)
     args = p.parse_args()
     set_threads(args.threads)
+    if args.model != "tiny" and not args.random_init:
+        p.error("--model other than tiny needs --random-init (hub weights are not loaded here)")
+    if args.device == "cuda":
+        TRAINER.update(accelerator="gpu")
+    if args.dtype == "bfloat16":
+        TRAINER.update(precision="bf16-mixed")
     if "kd" not in args.methods:
         args.methods = ["kd", *args.methods]
     L.seed_everything(0, verbose=False)
@@ -185,8 +223,14 @@ def main() -> None:
     dm = build_datamodule(base, tokenizer, batch_size=args.batch_size)
     dm.setup("fit")
     batch = dm.collator([dm.datasets["train"][i] for i in range(args.batch_size)])
-    teacher = freeze(build_from_config(dict(base.model.teacher.arch), tokenizer, seed=1))
-    student0 = build_from_config(dict(base.model.student.arch), tokenizer, seed=0)
+    t_arch, s_arch = dict(base.model.teacher.arch), dict(base.model.student.arch)
+    if args.model != "tiny":
+        t_arch.update(MODEL_SHAPES[args.model][0], n_positions=1024)
+        s_arch.update(MODEL_SHAPES[args.model][1], n_positions=1024)
+    teacher = freeze(build_from_config(t_arch, tokenizer, seed=1))
+    if args.dtype == "bfloat16":
+        teacher = teacher.to(torch.bfloat16)
+    student0 = build_from_config(s_arch, tokenizer, seed=0)
     cfgs = {m: compose([f"cache_dir={args.cache_dir}", *METHODS[m][0], *args.overrides]) for m in args.methods}
     students = {m: copy.deepcopy(student0) for m in args.methods}
 
@@ -210,8 +254,10 @@ def main() -> None:
                      "mem_x_kd": mb / kd_mb if mb is not None and kd_mb else None, "what": METHODS[m][1],
                      "per_round_s": per_round[m]})
 
-    regen = []
+    regen, loss_rows = [], []
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if args.device != "cpu":
+        args.regen_lengths = []  # the re-generation and loss-alone parts are the CPU measurements
     for length in args.regen_lengths:
         sampling = SamplingConfig(max_new_tokens=length)
         res = regeneration_cost(teacher, student0, batch, sampling, args.regen_reps, eos, pad)
@@ -229,11 +275,12 @@ def main() -> None:
     from common import interleaved_medians
     from loss_scaling import cases, make_logits
 
-    t, s = make_logits(args.batch_size * 16, 50257, "lm", torch.device("cpu"))
-    fns = cases(t, s, None, with_before=False)
-    loss_t = interleaved_medians({k: fns[k] for k in ("kl", "dac_soft", "dac_hard", "dac_module")}, repeats=3)
-    loss_rows = [{"loss": k, "median_s": v["median_s"], "x_kl": v["median_s"] / loss_t["kl"]["median_s"]}
-                 for k, v in loss_t.items()]
+    if args.device == "cpu":
+        t, s = make_logits(args.batch_size * 16, 50257, "lm", torch.device("cpu"))
+        fns = cases(t, s, None, with_before=False)
+        loss_t = interleaved_medians({k: fns[k] for k in ("kl", "dac_soft", "dac_hard", "dac_module")}, repeats=3)
+        loss_rows = [{"loss": k, "median_s": v["median_s"], "x_kl": v["median_s"] / loss_t["kl"]["median_s"]}
+                     for k, v in loss_t.items()]
 
     payload = {"machine": machine(), "args": vars(args), "steps": rows, "regeneration": regen, "loss_50k": loss_rows}
     path = write_json(args.out, payload)
@@ -250,7 +297,8 @@ def main() -> None:
                 ["max_new_tokens", "keep_frac", "new_tokens_x_full", "regen_cached_s", "full_s", "cached_x_full",
                  "no_cache_x_full", "per_row_cached_x_full", "per_row_no_cache_x_full"]))
     m = payload["machine"]
-    print(f"\none optimiser step, tiny default models, batch {args.batch_size}, {m['cpu']} ({m['torch_threads']} "
+    print(f"\none optimiser step, {args.model} shapes on {args.device} ({args.dtype}), batch {args.batch_size}, "
+          f"{m['cpu']} ({m['torch_threads']} "
           f"threads); x_kd = / KD's step (median of {args.rounds} round means)")
     print(table(rows, ["method", "step_s", "x_kd", "peak_mb", "mem_x_kd", "what"]))
 
