@@ -62,6 +62,20 @@ METHODS = {
     "distillm": (["+experiment=baseline_distillm", "scrg.schedule.init=1.0"],
                  "DistiLLM: skew FKL; phi=1: fresh/replay mix, fresh share 1-t/T (amortised)"),
 }
+# --grid: MGSR at rollouts made k batches ahead x fresh rollouts every n steps (replay between), amortised
+GRID = {f"mgsr_k{k}_n{n}": ([f"scrg.rollout_batches={k}", f"scrg.every_n_steps={n}"],
+                            f"MGSR, rollouts {k} batches ahead, fresh every {n} steps (amortised over {k * n})")
+        for k in (1, 4, 8) for n in (1, 2, 4)}
+METHODS |= GRID
+
+
+def steps_for(method: str, steps: int) -> int:
+    """Timed steps of one round: a multiple of the method's generation period (k x n steps for the grid)."""
+    if method not in GRID:
+        return steps
+    k, n = (int(x[1:]) for x in method.split("_")[1:])
+    period = k * n
+    return max(period, -(-steps // period) * period)
 
 
 def compose(overrides: list[str]):
@@ -121,9 +135,10 @@ class StepTimer(L.Callback):
 TRAINER = {"accelerator": "cpu"}  # main() sets gpu / bf16-mixed for --device cuda
 
 
-def fit_steps(cfg, student, teacher, tokenizer, batch, steps: int, profile_step: int | None = None):
-    """Run `steps` optimiser steps of the method `cfg` on copies of the same batch; returns the StepTimer."""
-    module = build_module(cfg, student, teacher, tokenizer)
+def fit_steps(cfg, student, teacher, tokenizer, batch, steps: int, profile_step: int | None = None, dm=None):
+    """Run `steps` optimiser steps of the method `cfg` on copies of the same batch; returns the StepTimer. `dm`
+    lends its training prompts to rollouts made ahead."""
+    module = build_module(cfg, student, teacher, tokenizer, dm)
     timer = StepTimer(profile_step)
     callbacks = [timer]  # the module's sequence source (built with it) makes the rollouts inside the step
     trainer = L.Trainer(**TRAINER, devices=1, max_steps=steps, max_epochs=-1, logger=False,
@@ -190,7 +205,8 @@ def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: i
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in GRID], choices=list(METHODS))
+    p.add_argument("--grid", action="store_true", help="also every rollout_batches x every_n_steps setting")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="timed steps per method per round (multiple of 4)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -214,6 +230,8 @@ def main() -> None:
         TRAINER.update(accelerator="gpu")
     if args.dtype == "bfloat16":
         TRAINER.update(precision="bf16-mixed")
+    if args.grid:
+        args.methods = [*args.methods, *[m for m in GRID if m not in args.methods]]
     if "kd" not in args.methods:
         args.methods = ["kd", *args.methods]
     L.seed_everything(0, verbose=False)
@@ -238,12 +256,13 @@ def main() -> None:
     peaks = {}
     for r in range(args.rounds):
         for m in args.methods:
-            timer = fit_steps(cfgs[m], students[m], teacher, tokenizer, batch, args.steps + 1)
+            timer = fit_steps(cfgs[m], students[m], teacher, tokenizer, batch, steps_for(m, args.steps) + 1, dm=dm)
             per_round[m].append(statistics.mean(timer.times))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {per_round[m][-1]:.3f}s" for m in args.methods),
               flush=True)
     for m in args.methods:  # memory: one profiled step (step 2 of a short fit), not timed
-        peaks[m] = fit_steps(cfgs[m], copy.deepcopy(student0), teacher, tokenizer, batch, 3, profile_step=2).peak
+        peaks[m] = fit_steps(cfgs[m], copy.deepcopy(student0), teacher, tokenizer, batch, 3, profile_step=2,
+                             dm=dm).peak
 
     kd_s, kd_mb = statistics.median(per_round["kd"]), peaks["kd"] / 2**20
     rows = []
