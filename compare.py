@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("only"):
         methods = {m: o for m, o in methods.items() if m in cfg.only}
     spec = Spec(name=str(c.name), methods=methods, seeds=list(cfg.seeds), overrides=[str(o) for o in [*c.overrides, *cfg.overrides]],
-                baselines=[str(b) for b in c.baselines])
+                baselines=[str(b) for b in c.baselines], chain=[str(m) for m in c.get("chain") or [] if m in methods])
     out = Path(str(cfg.out_dir))
     t0 = time.perf_counter()
     if not cfg.report_only:

@@ -93,6 +93,7 @@ class Spec:
     seeds: list
     overrides: list = field(default_factory=list)   # applied to every cell
     baselines: list = field(default_factory=lambda: ["kd", "sft"])   # paired differences against these
+    chain: list = field(default_factory=list)  # rows of an incremental table: each minus the one before, paired
 
     def cell_dir(self, out: Path, method: str, seed) -> Path:
         return out / "runs" / method.replace("/", "_") / f"seed{seed}"
@@ -225,6 +226,12 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
 
 
+def chain_steps(spec: Spec, rows: dict) -> list[tuple[str, str, Interval | None]]:
+    """(row, previous row, paired difference row - previous) along `spec.chain`, for the rows both have."""
+    chain = [m for m in spec.chain if m in rows]
+    return [(b, a, paired_difference(rows[b]["scores"], rows[a]["scores"])) for a, b in zip(chain, chain[1:])]
+
+
 def to_markdown(spec: Spec, rows: dict, *, stamp: dict, notes: str = "") -> str:
     diffs = [b for b in spec.baselines if any(b in r["diff"] for r in rows.values())]
     head = ["method", "seeds", "ROUGE-L (95% CI)"] + [f"− {b} (paired, 95% CI)" for b in diffs] + [c for c, _ in EXTRA]
@@ -240,6 +247,11 @@ def to_markdown(spec: Spec, rows: dict, *, stamp: dict, notes: str = "") -> str:
         cells += [_fmt_diff(r["diff"].get(b)) if b != m else "" for b in diffs]
         cells += [_fmt(r["extra"][c]) for c, _ in EXTRA]
         lines.append("| " + " | ".join(cells) + " |")
+    steps = chain_steps(spec, rows)
+    if steps:
+        lines += ["", "What each step adds (the row minus the one before it, paired over training seeds, 95% CI):", "",
+                  "| step | paired difference | seeds |", "| --- | --- | --- |"]
+        lines += [f"| {b} − {a} | {_fmt_diff(iv)} | {iv.n if iv else 0} |" for b, a, iv in steps]
     lines += ["", "Per-seed scores:", "", "| method | " + " | ".join(f"seed {s}" for s in spec.seeds) + " |",
               "| --- |" + " --- |" * len(spec.seeds)]
     for m, r in rows.items():

@@ -123,6 +123,20 @@ def test_report_columns_intervals_and_marks(tmp_path):
     assert json.loads((tmp_path / "stamp.json").read_text())["config_hash"] == spec.config_hash()
 
 
+def test_chain_reports_what_each_step_adds(tmp_path):
+    spec = _spec()
+    spec.chain = ["sft", "kd", "mgsr", "absent"]
+    run_cells(spec, tmp_path, runner=_fake_runner([]))
+    md = write_report(spec, tmp_path)["markdown"]
+    # kd - sft: 3, 3.5, 3 (mean 19/6, excludes 0); mgsr - kd: 0.5, -0.5, 1 (mean 1/3, includes 0)
+    assert "What each step adds" in md
+    kd_line = next(line for line in md.splitlines() if line.startswith("| kd − sft |"))
+    mgsr_line = next(line for line in md.splitlines() if line.startswith("| mgsr − kd |"))
+    assert "+3.17 [" in kd_line and "*" in kd_line and kd_line.endswith("| 3 |")
+    assert "+0.33 [" in mgsr_line and "*" not in mgsr_line
+    assert "absent" not in md.split("What each step adds")[1].split("Per-seed")[0]
+
+
 def test_config_hash_tracks_what_the_cells_run():
     a, b = _spec(), _spec()
     b.overrides = ["logger=csv", "trainer.max_steps=10"]
