@@ -242,9 +242,14 @@ def alpha_beta_divergence(
 
     Entries where both p and q are 0 (masked vocabulary columns) contribute exactly 0, value and gradient; any
     real alpha, beta is accepted (a negative power of a zero probability the other side does not share is +inf,
-    the true value).
+    the true value). A parameter (or alpha + beta) with |x| < 1e-6 is taken as 0, i.e. as its limit: that close
+    the general formula is all cancellation. For alpha, beta > 0 the general case is evaluated as
+    p^s / (alpha beta) * [(beta/s) expm1(s d) - expm1(beta d)],  s = alpha + beta, d = log q - log p <= 0
+    (and the mirror image, factoring q^s, where q > p): exactly 0 when p == q, no cancellation of O(1) terms.
     """
-    a, b = float(alpha), float(beta)
+    a, b = _snap_zero(alpha), _snap_zero(beta)
+    if a != 0 and b != 0 and _snap_zero(a + b) == 0:
+        b = -a
     lp, lq = teacher_student_log_probs(teacher_logits, student_logits)
     dead = torch.isneginf(lp) & torch.isneginf(lq)
     zero = torch.zeros_like(lq)
@@ -259,11 +264,25 @@ def alpha_beta_divergence(
         term = (b * weighted_log_ratio(qb, lq, lp) - qb + pb) / b**2
     elif a + b == 0:
         x = a * (lp - lq)
-        term = (x.exp() - 1.0 - x) / a**2
+        term = (torch.expm1(x) - x) / a**2
+    elif a > 0 and b > 0:
+        s = a + b
+        p_big = lp >= lq
+        d_p = torch.where(p_big, lq - lp, zero)  # <= 0 where used, 0 elsewhere: both branches stay finite
+        d_q = torch.where(p_big, zero, lp - lq)
+        from_p = (s * lp).exp() * ((b / s) * torch.expm1(s * d_p) - torch.expm1(b * d_p))
+        from_q = (s * lq).exp() * ((a / s) * torch.expm1(s * d_q) - torch.expm1(a * d_q))
+        term = torch.where(p_big, from_p, from_q) / (a * b)
     else:
         s = a + b
         term = -((a * lp + b * lq).exp() - (a / s) * (s * lp).exp() - (b / s) * (s * lq).exp()) / (a * b)
     return torch.where(dead, zero, term).sum(-1)
+
+
+def _snap_zero(x: float, tol: float = 1e-6) -> float:
+    """float(x), or 0.0 when |x| < tol (alpha-beta parameters that close to 0 mean the limit case)."""
+    x = float(x)
+    return 0.0 if abs(x) < tol else x
 
 
 def divergence_loss(
