@@ -156,6 +156,11 @@ class DistillModule(L.LightningModule):
                 seqs = _batch_to(seqs, self.device)
             l_distill, parts = self._distill_terms(seqs, gold_logits if seqs is batch else None)
             total = total + l_distill
+            if hasattr(self.distill, "on_train_step"):  # a stateful objective (TAID's t): once per micro-batch
+                trainer = self._trainer
+                steps = int(trainer.estimated_stepping_batches) if trainer is not None else 1
+                self.distill.on_train_step(self.global_step, steps,
+                                           trainer.accumulate_grad_batches if trainer is not None else 1)
             logs.update(parts)
             logs["train/distill_tokens"] = float(seqs["response_mask"].sum()) / bsz
         self.log("train/loss", total, prog_bar=True, on_step=True, batch_size=bsz)

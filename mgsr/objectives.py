@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from mgsr.losses.dac_kl import BANDS, REMAINDERS, FixedQuantileHead, QuantileHead, dac_kl_loss
-from mgsr.losses.divergences import check_divergence, divergence_loss, forward_kl
+from mgsr.losses.divergences import check_divergence, divergence_loss, forward_kl, token_mean
 from mgsr.losses.span import RELATIONS, span_correlation_loss
+from mgsr.losses.taid import taid_terms, taid_update
 from mgsr.spans import SpanExtractor
 
 
@@ -69,7 +70,7 @@ class DacKl(nn.Module):
 
 
 class Divergence(nn.Module):
-    """A token-level divergence of METHOD.md 5 (fkl, rkl, skl, jsd, tvd, sfkl, srkl, akl)."""
+    """A token-level divergence of METHOD.md 5 (fkl, rkl, skl, jsd, tvd, sfkl, srkl, akl) or ABKD's ab."""
 
     group = "kd"
 
@@ -90,6 +91,85 @@ class Divergence(nn.Module):
                 fkl = forward_kl(teacher_logits, student_logits)
                 logs["fkl"] = float((fkl * mask).sum() / mask.sum().clamp_min(1))
         return loss, logs
+
+
+class Taid(nn.Module):
+    """TAID (Shing et al., ICLR 2025; mgsr/losses/taid.py): KL(p_t || q) with p_t the detached logit-space
+    interpolation of student and teacher, t raised by the authors' adaptive schedule once per optimiser step.
+
+    The loss returned (and logged as taid/loss, taid/kl) is the true KL(p_t || q); the schedule is driven, as in
+    the authors' code, by their objective, the cross-entropy -sum p_t log q (taid/ce; same gradient). t, the
+    momentum, the previous loss and the micro-batch losses of the current optimiser step are buffers, so they
+    are saved with the module's state_dict and a resume continues the schedule exactly. The module calls
+    `on_train_step(step, total, accumulate)` after each training micro-batch; with gradient accumulation the
+    schedule sees the mean of the step's micro-batch objectives (the authors update on every micro-batch).
+    """
+
+    group = "taid"
+
+    def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99,
+                 adaptive: bool = True):
+        super().__init__()
+        self.check(t_start=t_start, t_end=t_end, alpha=alpha, beta=beta, adaptive=adaptive)
+        self.hp = dict(t_start=float(t_start), t_end=float(t_end), alpha=float(alpha), beta=float(beta),
+                       adaptive=bool(adaptive))
+        f64 = dict(dtype=torch.float64)
+        self.register_buffer("t", torch.tensor(float(t_start), **f64))
+        self.register_buffer("momentum", torch.tensor(0.0, **f64))
+        self.register_buffer("prev_loss", torch.tensor(float("inf"), **f64))
+        self.register_buffer("pending_sum", torch.tensor(0.0, **f64))  # micro-batch objectives of this step
+        self.register_buffer("pending_count", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("pending_step", torch.tensor(-1, dtype=torch.long))
+        self._last_objective: float | None = None
+
+    @staticmethod
+    def check(*, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99, adaptive=True, **_) -> None:
+        """ValueError naming the key to change (the authors' asserts, plus t_start <= t_end and beta < 1)."""
+        if not 0.0 <= float(t_start) < 1.0:
+            raise ValueError(f"loss.distill.t_start={t_start}: need 0 <= t_start < 1")
+        if not 0.0 < float(t_end) <= 1.0 or float(t_end) < float(t_start):
+            raise ValueError(f"loss.distill.t_end={t_end}: need t_start <= t_end <= 1 and t_end > 0")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"loss.distill.alpha={alpha}: need 0 <= alpha <= 1 (the step size of t)")
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"loss.distill.beta={beta}: need 0 <= beta < 1 (the momentum coefficient)")
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"loss.distill.adaptive={adaptive!r}: true or false")
+
+    def update(self, loss: float, step: int, total: int) -> None:
+        """One schedule step with objective `loss` at optimiser step `step` of `total` (mgsr.losses.taid)."""
+        t, m, prev = taid_update(float(self.t), float(self.momentum), float(self.prev_loss), float(loss),
+                                 int(step), int(total), **self.hp)
+        self.t.fill_(t)
+        self.momentum.fill_(m)
+        self.prev_loss.fill_(prev)
+
+    def on_train_step(self, step: int, total: int, accumulate: int = 1) -> None:
+        """After a training micro-batch: once `accumulate` micro-batches of optimiser step `step` are in (or a new
+        step begins), update t with their mean objective."""
+        if self._last_objective is None:
+            return
+        if int(self.pending_count) > 0 and int(self.pending_step) != int(step):
+            self._flush(total)  # an incomplete accumulation window (e.g. the end of an epoch)
+        self.pending_sum += self._last_objective
+        self.pending_count += 1
+        self.pending_step.fill_(int(step))
+        self._last_objective = None
+        if int(self.pending_count) >= max(int(accumulate), 1):
+            self._flush(total)
+
+    def _flush(self, total: int) -> None:
+        self.update(float(self.pending_sum) / int(self.pending_count), int(self.pending_step), total)
+        self.pending_sum.zero_()
+        self.pending_count.zero_()
+
+    def forward(self, teacher_logits, student_logits, mask):
+        t = float(self.t)
+        kl, ce = taid_terms(teacher_logits, student_logits, t)
+        loss, objective = token_mean(kl, mask), token_mean(ce.detach(), mask)
+        self._last_objective = float(objective)
+        return loss, {"t": t, "kl": float(loss.detach()), "ce": self._last_objective,
+                      "momentum": float(self.momentum)}
 
 
 class SpanCorrelation(nn.Module):

@@ -99,6 +99,13 @@ def test_baseline_runs_end_to_end(name, tmp_path, tiny_overrides, count_generati
         assert count_generation["teacher"] == 0
     if name == "kd":
         assert "kd/fkl" in header and "train/sft" in header
+    if name == "taid":  # t and its momentum are module buffers: in the checkpoint, t raised by the schedule
+        ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        state = ckpt["state_dict"]
+        assert float(state["distill.t"]) > float(cfg.loss.distill.t_start) and "distill.momentum" in state
+        assert "taid/t" in header
+    if name == "abkd":
+        assert "kd/ab" in header and "kd/fkl" in header
     if name == "distillm":  # phi, the reference loss and the replay buffer are in the checkpoint
         ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         state = ckpt["sequence_source"]

@@ -109,7 +109,7 @@ CASES = [(name, kw) for name, kws in PARAMS.items() for kw in kws]
 
 
 def test_registry_keys() -> None:
-    assert set(DIVERGENCES) == {"fkl", "rkl", "skl", "jsd", "tvd", "sfkl", "srkl", "akl"}
+    assert set(DIVERGENCES) == {"fkl", "rkl", "skl", "jsd", "tvd", "sfkl", "srkl", "akl", "ab"}
 
 
 @pytest.mark.parametrize(("name", "kw"), CASES)
@@ -192,7 +192,7 @@ def test_akl_weights_follow_head_tail_gaps() -> None:
 
 def test_unknown_name_raises() -> None:
     t = _logits(0)
-    with pytest.raises(ValueError, match="name='nope': unknown divergence; choose one of akl, fkl, jsd, rkl"):
+    with pytest.raises(ValueError, match="name='nope': unknown divergence; choose one of ab, akl, fkl, jsd, rkl"):
         divergence_loss("nope", t, t, torch.ones(B, T, dtype=torch.bool))
     with pytest.raises(ValueError, match="jsd has no parameter alpha .it takes: beta."):
         divergence_loss("jsd", t, t, torch.ones(B, T, dtype=torch.bool), alpha=0.1)
