@@ -8,7 +8,9 @@ to the custom autograd Functions of dac_kl_fast.py (hand-written backward passes
   tokens whose top `TOPK_CAP` classes reach the band's upper quantile (exact there); it is used when at
   least half of the tokens qualify (splitting a batch between paths copies rows). Other tokens take the
   full-sort path.
-* soft mask (learnable head): the full-sort Function (one stable sort per token).
+* soft mask (learnable head): the soft top-k Function (`SOFT_TOPK_CAP` head classes exact, the tail's cumulative
+  masses from a log-p histogram, within float32 tolerance of the full sort, not bit-identical) for the tokens
+  whose head reaches u and whose error bound is within `SOFT_TAIL_TOL`; the rest take the full-sort Function.
 * tokens whose fast value is not finite or whose remainder mass is below sqrt(float tiny) (masked -inf
   vocabulary columns, extreme logits) are recomputed with the reference formulation (log-space sums,
   guarded 0 log 0), so values and gradients match it wherever the fast path is not exact.

@@ -14,9 +14,10 @@ reused [N, V] buffers (on CPU a fresh V-wide buffer costs more than the arithmet
   plus the exact tail masses (masked sums of p and q over the classes outside the cap). Exact whenever the
   cap reaches the band's upper quantile (cumulative mass of the top classes >= u): every class outside it
   then has e_v >= u and is in the remainder.
-* `SortedMassMerge` (soft or hard mask): one full stable sort. A cap is not exact for the soft mask: the
-  sigmoid gives every tail class a weight that depends on its own e_v (up to 0.5 when u = 1), which needs
-  the full order.
+* `SortedMassMerge` (soft or hard mask): one full stable sort; the reference-exact fallback.
+* soft mask (learnable head), `TopkSoftMassMerge`: a cap is not exact for the soft mask (the sigmoid gives every
+  tail class a weight that depends on its own e_v), so the tail's e_v come from a histogram over log p with a
+  worst-case error bound per row; rows over the bound take `SortedMassMerge`.
 * Both flag ("bad") the tokens whose fast value is not finite or whose remainder mass is below
   sqrt(float tiny) (masked -inf vocabulary columns, extreme logits); those are left to the reference.
 """
