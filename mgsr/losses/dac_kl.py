@@ -8,7 +8,9 @@ to the custom autograd Functions of dac_kl_fast.py (hand-written backward passes
   tokens whose top `TOPK_CAP` classes reach the band's upper quantile (exact there); it is used when at
   least half of the tokens qualify (splitting a batch between paths copies rows). Other tokens take the
   full-sort path.
-* soft mask (learnable head): the full-sort Function (one stable sort per token).
+* soft mask (learnable head): the soft top-k Function (`SOFT_TOPK_CAP` head classes exact, the tail's cumulative
+  masses from a log-p histogram, within float32 tolerance of the full sort, not bit-identical) for the tokens
+  whose head reaches u and whose error bound is within `SOFT_TAIL_TOL`; the rest take the full-sort Function.
 * tokens whose fast value is not finite or whose remainder mass is below sqrt(float tiny) (masked -inf
   vocabulary columns, extreme logits) are recomputed with the reference formulation (log-space sums,
   guarded 0 log 0), so values and gradients match it wherever the fast path is not exact.
@@ -45,6 +47,17 @@ TOPK_CAP = 256
 # Share of the masked tokens that must qualify for the top-k path before it is used: splitting a batch
 # between paths copies rows, worth it only when most rows can take the cheap one.
 TOPK_MIN_ROW_SHARE = 0.5
+# Soft mask (learnable head), `TopkSoftMassMerge`: the top SOFT_TOPK_CAP classes exactly, the tail through a
+# histogram of SOFT_BUCKETS buckets of SOFT_BUCKET_WIDTH nats of log p below the cap's last class.
+SOFT_TOPK_CAP = 256
+SOFT_BUCKETS = 8192
+SOFT_BUCKET_WIDTH = 1.0 / 512
+# Rows need kappa (C_K - l) >= this (sigmoid(kappa (c_v - l)) is 1 in float32 in the tail; the tail's l-gradient
+# is below kappa e^-20) and C_K >= u (the hard band, hence `kept`, lies in the head).
+SOFT_TAIL_MIN_A = 20.0
+# A row keeps the soft top-k value when the worst-case bound of the tail estimate's error (on its u-gradient
+# per unit loss weight; 1/kappa of it on its KL) is at most this; the rest take the full-sort path.
+SOFT_TAIL_TOL = 1e-2
 
 
 def _mass_merge_rows(t, s, lower, upper, dtype, *, kappa, hard, target_class):
@@ -81,6 +94,15 @@ def _mass_merge_rows(t, s, lower, upper, dtype, *, kappa, hard, target_class):
             # lp is consumed by this path: later paths recompute the log-probs of their rows
             todo = ~ok | run(ok, lambda rows: fast.TopkHardMassMerge.apply(
                 *rows_of(rows, s, lp, head_lp, head_idx, lower, upper), target_class))
+            lp = None
+    if not hard and V > SOFT_TOPK_CAP + 1:
+        head_lp, head_idx, clean = fast.stable_topk(lp, SOFT_TOPK_CAP)
+        c_k = head_lp.exp().cumsum(-1)[:, -1]
+        ok = clean & (c_k >= upper.detach().to(dtype)) & (kappa * (c_k - lower.detach().to(dtype)) >= SOFT_TAIL_MIN_A)
+        if int(ok.sum()) >= TOPK_MIN_ROW_SHARE * n:  # see TOPK_MIN_ROW_SHARE
+            todo = ~ok | run(ok, lambda rows: fast.TopkSoftMassMerge.apply(
+                *rows_of(rows, s, lp, head_lp, head_idx, lower, upper), kappa, target_class, SOFT_BUCKETS,
+                SOFT_BUCKET_WIDTH, SOFT_TAIL_TOL))
             lp = None
     if bool(todo.any()):
         def sorted_path(rows):

@@ -14,9 +14,10 @@ reused [N, V] buffers (on CPU a fresh V-wide buffer costs more than the arithmet
   plus the exact tail masses (masked sums of p and q over the classes outside the cap). Exact whenever the
   cap reaches the band's upper quantile (cumulative mass of the top classes >= u): every class outside it
   then has e_v >= u and is in the remainder.
-* `SortedMassMerge` (soft or hard mask): one full stable sort. A cap is not exact for the soft mask: the
-  sigmoid gives every tail class a weight that depends on its own e_v (up to 0.5 when u = 1), which needs
-  the full order.
+* `SortedMassMerge` (soft or hard mask): one full stable sort; the reference-exact fallback.
+* soft mask (learnable head), `TopkSoftMassMerge`: a cap is not exact for the soft mask (the sigmoid gives every
+  tail class a weight that depends on its own e_v), so the tail's e_v come from a histogram over log p with a
+  worst-case error bound per row; rows over the bound take `SortedMassMerge`.
 * Both flag ("bad") the tokens whose fast value is not finite or whose remainder mass is below
   sqrt(float tiny) (masked -inf vocabulary columns, extreme logits); those are left to the reference.
 """
@@ -210,3 +211,121 @@ def stable_topk(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     vals, idx = vals.gather(-1, by_index), idx.gather(-1, by_index)
     vals, pos = vals.sort(dim=-1, descending=True, stable=True)
     return vals, idx.gather(-1, pos), clean
+
+
+class TopkSoftMassMerge(torch.autograd.Function):
+    """band=mass, remainder=merge, soft mask, without a full sort: the teacher's top-K classes exactly (head)
+    plus a histogram of the tail's log-probs for the tail's cumulative masses.
+
+    Head (the top-K in stable descending order, K = `SOFT_TOPK_CAP` in dac_kl.py): exactly as `SortedMassMerge`.
+    Tail (every other class): e_v = C_K + F_v with C_K the head's mass and F_v the tail mass ranked above v.
+    F_v is estimated from a histogram of the tail over log p (`SOFT_BUCKETS` buckets of `SOFT_BUCKET_WIDTH`
+    nats below the K-th log-prob): F_v ~ E_b + (M_b - p_v) / 2 for v in bucket b (E_b: tail mass of the buckets
+    above, M_b: bucket mass), so |error of e_v| <= M_b. The tail's masses and sums are exact (masked sums);
+    only the tail's mask weights m_v = sigmoid(kappa (u - e_v)) carry the estimate, with
+    |error of m_v| <= kappa sigmoid(kappa (u - E_b)) M_b =: beta_b. Requires (callers check):
+    C_K >= u and kappa (C_K - l) >= SOFT_TAIL_MIN_A, so sigmoid(kappa (c_v - l)) is 1 in float32 there and
+    the tail's l-gradient is below 1e-8 of kappa (left out).
+    A row is flagged (left to the full-sort path) when the bound on the error of its KL, kappa times it for
+    the u-gradient, exceeds `tol`: kappa max_b beta_b (sum_tail |pd| + (|log rho| + 1) T_p + rho T_q) > tol.
+    `lp` is consumed (overwritten).
+    """
+
+    @staticmethod
+    def forward(ctx, s, lp, head_lp, head_idx, lower, upper, kappa, target_class, buckets, width, tol):
+        dtype, (n, V), K = lp.dtype, lp.shape, head_idx.shape[-1]
+        lq = to_log_probs(s, dtype)
+        lq_h = lq.gather(-1, head_idx)
+        p_h, q_h = head_lp.exp(), lq_h.exp()
+        pd_h = p_h * (head_lp - lq_h)
+        lo, up = lower.detach().to(dtype), upper.detach().to(dtype)
+        # ---- head: SortedMassMerge's soft band on K columns
+        cum = p_h.cumsum(-1)
+        c_k = cum[:, -1].to(torch.float64)
+        i0, i1 = _hard_range(cum, lo, up, K)
+        first = torch.clamp(i0, min=1) if target_class else i0
+        kept = (i1 - first).clamp_min(0).to(dtype) + float(target_class)
+        b = torch.empty_like(cum)
+        b[:, 0] = up
+        torch.sub(up.unsqueeze(-1), cum[:, :-1], out=b[:, 1:])
+        b.mul_(kappa)
+        a = (cum - lo.unsqueeze(-1)).mul_(kappa)
+        sa, sna = torch.sigmoid(a), torch.sigmoid(-a)
+        sb, snb = torch.sigmoid(b), torch.sigmoid(-b)
+        w = sa * sb
+        r = sna + sa * snb
+        if target_class:
+            w[:, 0] = 1.0
+            r[:, 0] = 0.0
+        # ---- tail: x = (p, q, p (log p - log q)) with the head columns zeroed
+        x = torch.empty(n, 3, V, dtype=dtype, device=lp.device)
+        p, q, pd = x.unbind(1)
+        torch.exp(lp, out=p)
+        torch.exp(lq, out=q)
+        torch.sub(lp, lq, out=pd).mul_(p)
+        del lq
+        x.scatter_(-1, head_idx.unsqueeze(1).expand(n, 3, K), 0.0)
+        # bucket of each tail class: floor((log p_K - log p_v) / width), the head in an extra bucket
+        idx = lp.neg_().add_(head_lp[:, -1:]).mul_(1.0 / width).clamp_(0, buckets - 1).to(torch.int64)
+        del lp
+        idx.scatter_(-1, head_idx, buckets)
+        mass = torch.zeros(n, buckets + 1, dtype=dtype, device=p.device).scatter_add_(-1, idx, p)[:, :buckets]
+        mass64 = mass.to(torch.float64)
+        top = c_k.unsqueeze(-1) + mass64.cumsum(-1) - mass64  # E_b: teacher mass above bucket b
+        up64 = up.to(torch.float64).unsqueeze(-1)
+        # kappa (u - e_v) = table[b] + kappa p_v / 2, table[b] = kappa (u - E_b - M_b / 2)
+        table = torch.empty(n, buckets + 1, dtype=dtype, device=p.device)
+        table[:, :buckets] = (kappa * (up64 - top - 0.5 * mass64)).to(dtype)
+        table[:, buckets] = 0.0
+        wt = torch.empty(n, 2, V, dtype=dtype, device=p.device)
+        m, m1m = wt.unbind(1)
+        torch.gather(table, -1, idx, out=m)
+        del idx
+        m.add_(p, alpha=0.5 * kappa).sigmoid_()
+        torch.addcmul(m, m, m, value=-1.0, out=m1m)  # m (1 - m)
+        sums = torch.bmm(x, wt.transpose(1, 2))  # [n, 3 (p, q, pd), 2 (m, m (1 - m))]
+        t_p, t_q = x[:, 0].sum(-1), x[:, 1].sum(-1)
+        abs_pd = torch.linalg.vector_norm(pd, ord=1, dim=-1)
+        # ---- totals
+        kl_kept = (w * pd_h).sum(-1) + sums[:, 2, 0]
+        cov = (w * p_h).sum(-1) + sums[:, 0, 0]
+        r_p = (r * p_h).sum(-1) + (t_p - sums[:, 0, 0])
+        r_q = (r * q_h).sum(-1) + (t_q - sums[:, 1, 0])
+        kl, bad = _finish(kl_kept, r_p, r_q, dtype)
+        # ---- error bound of the tail estimate
+        beta = (kappa * torch.sigmoid(kappa * (up64 - top)) * mass64).amax(-1).to(dtype)
+        rho = r_p / r_q.clamp_min(_tiny(dtype))
+        bound = kappa * beta * (abs_pd + (torch.log(rho.clamp_min(_tiny(dtype))).abs() + 1.0) * t_p + rho * t_q)
+        bad = bad | ~(bound <= tol)
+        ctx.mark_non_differentiable(kept, bad)
+        ctx.save_for_backward(head_idx, p_h, q_h, pd_h, w, r, sna, snb, p, q, m, sums, r_p, r_q, cov, bad)
+        ctx.opts = (kappa, target_class, s.dtype)
+        return kl, torch.where(bad, torch.zeros_like(cov), cov), kept, bad
+
+    @staticmethod
+    def backward(ctx, g_kl, g_cov, _g_kept, _g_bad):
+        head_idx, p_h, q_h, pd_h, w, r, sna, snb, p, q, m, sums, r_p, r_q, cov, bad = ctx.saved_tensors
+        kappa, target_class, s_dtype = ctx.opts
+        zero = torch.zeros_like(g_kl)
+        g = torch.where(bad, zero, g_kl)
+        rho = torch.where(bad, zero, r_p / r_q.clamp_min(_tiny(r_q.dtype)))
+        grad_l = grad_u = None
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            gc = torch.where(bad, zero, g_cov)
+            c1 = gc - g * (torch.log(rho.clamp_min(_tiny(rho.dtype))) + 1.0)
+            c2 = g * rho
+            gm = (pd_h * g.unsqueeze(-1) + p_h * c1.unsqueeze(-1) + q_h * c2.unsqueeze(-1)) * w
+            if target_class:
+                gm[:, 0] = 0.0
+            grad_l = -kappa * (sna * gm).sum(-1)
+            tail_u = g * sums[:, 2, 1] + c1 * sums[:, 0, 1] + c2 * sums[:, 1, 1]
+            grad_u = kappa * ((snb * gm).sum(-1) + tail_u)
+        grad_s = None
+        if ctx.needs_input_grad[0]:
+            total = cov + r_p
+            # tail: q_v g (total - rho) + m_v g (rho q_v - p_v); head: as SortedMassMerge
+            grad = torch.mul(q, (g * rho).unsqueeze(-1)).addcmul_(p, g.unsqueeze(-1), value=-1.0).mul_(m)
+            grad.addcmul_(q, (g * (total - rho)).unsqueeze(-1))
+            head = (q_h * (total.unsqueeze(-1) - rho.unsqueeze(-1) * r) - w * p_h) * g.unsqueeze(-1)
+            grad_s = grad.scatter_(-1, head_idx, head).to(s_dtype)
+        return grad_s, None, None, None, grad_l, grad_u, None, None, None, None, None
