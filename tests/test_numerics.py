@@ -74,6 +74,9 @@ def _count_paths(monkeypatch) -> dict:
 @pytest.mark.parametrize("hard", [True, False])
 @pytest.mark.parametrize("target_class", [True, False])
 def test_fast_paths_match_the_reference(teacher, hard, target_class, monkeypatch):
+    import mgsr.losses.dac_kl as dac
+
+    monkeypatch.setattr(dac, "SOFT_TOPK_MIN_VOCAB", 0)  # the soft top-k path at this small vocabulary too
     calls = _count_paths(monkeypatch)
     g = torch.Generator().manual_seed(0)
     # flat: nearly uniform, so the top TOPK_CAP classes hold ~85% of the mass, less than every u >= 0.9
@@ -217,11 +220,22 @@ def test_soft_topk_path_falls_back_on_flat_teachers_and_u_near_one(monkeypatch):
     assert calls["topk_soft"] == 0 and calls["sorted_rows"] == 8, calls
 
 
+def test_small_vocabularies_keep_the_full_sort(monkeypatch):
+    """Below SOFT_TOPK_MIN_VOCAB the soft mask takes the full-sort path: the embedded default trains as before."""
+    calls = _count_paths(monkeypatch)
+    t = _peaked(3)
+    s = t + torch.randn(t.shape, generator=torch.Generator().manual_seed(4))
+    dac_kl_loss(t, s, torch.ones(t.shape[:-1], dtype=torch.bool), torch.full(t.shape[:-1], 0.1),
+                torch.full(t.shape[:-1], 0.9))
+    assert calls["topk_soft"] == 0 and calls["sorted"] > 0, calls
+
+
 def test_soft_topk_path_with_mixed_fallback_rows(monkeypatch):
     """A tiny cap: some tokens' top-k covers u, others' does not; both kinds in one batch, every token exact."""
     import mgsr.losses.dac_kl as dac
 
     monkeypatch.setattr(dac, "SOFT_TOPK_CAP", 24)
+    monkeypatch.setattr(dac, "SOFT_TOPK_MIN_VOCAB", 0)
     monkeypatch.setattr(dac, "TOPK_MIN_ROW_SHARE", 0.0)
     calls = _count_paths(monkeypatch)
     t = _peaked(11, shape=(2, 8))
