@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> None:
         done = run_cells(spec, out)
         log.info("compare: ran %d cells, skipped %d finished, %d failed", len(done["ran"]), len(done["skipped"]),
                  len(done["failed"]))
-    res = write_report(spec, out, notes=str(c.get("notes") or ""))
+    res = write_report(spec, out, notes=str(c.get("notes") or ""), name=str(cfg.get("report_name") or "report"))
     print(res["markdown"])
     print(f"report: {res['paths']['md']}  (this invocation: {(time.perf_counter() - t0) / 60:.1f} min)")
 

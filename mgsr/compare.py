@@ -309,7 +309,10 @@ def bar_chart(spec: Spec, rows: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(spec: Spec, out: Path, *, wall_time_s: float | None = None, notes: str = "") -> dict:
+def write_report(spec: Spec, out: Path, *, wall_time_s: float | None = None, notes: str = "",
+                 name: str = "report") -> dict:
+    """<out>/<name>.md, .csv, .png and <out>/stamp.json (<name>.stamp.json for another name): several presets
+    may report on the cells of one out_dir (their shared cells are run once)."""
     found = collect(spec, out)
     rows = report_stats(spec, found)
     if wall_time_s is None:  # the cells' processes, summed (what the comparison cost on this machine)
@@ -318,9 +321,9 @@ def write_report(spec: Spec, out: Path, *, wall_time_s: float | None = None, not
              "wall_time": f"{wall_time_s / 60:.1f} min", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     md = to_markdown(spec, rows, stamp=stamp, notes=notes)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "report.md", "csv": out / "report.csv", "png": out / "report.png"}
+    paths = {"md": out / f"{name}.md", "csv": out / f"{name}.csv", "png": out / f"{name}.png"}
     paths["md"].write_text(md)
     write_csv(spec, rows, paths["csv"])
     bar_chart(spec, rows, paths["png"])
-    (out / "stamp.json").write_text(json.dumps(stamp, indent=2))
+    (out / ("stamp.json" if name == "report" else f"{name}.stamp.json")).write_text(json.dumps(stamp, indent=2))
     return {"markdown": md, "rows": rows, "paths": paths, "stamp": stamp}

@@ -137,6 +137,19 @@ def test_chain_reports_what_each_step_adds(tmp_path):
     assert "absent" not in md.split("What each step adds")[1].split("Per-seed")[0]
 
 
+def test_two_presets_report_on_one_out_dir(tmp_path):
+    spec = _spec()
+    run_cells(spec, tmp_path, runner=_fake_runner([]))
+    write_report(spec, tmp_path)
+    first = (tmp_path / "report.md").read_text()
+    sub = Spec(name="sub", methods={m: spec.methods[m] for m in ("kd", "mgsr")}, seeds=spec.seeds,
+               overrides=spec.overrides, baselines=["kd"])
+    res = write_report(sub, tmp_path, name="report_sub")
+    assert res["paths"]["md"] == tmp_path / "report_sub.md" and (tmp_path / "report_sub.stamp.json").is_file()
+    assert (tmp_path / "report.md").read_text() == first  # the other preset's report is left alone
+    assert "| sft |" not in res["markdown"] and "+0.33 [" in res["markdown"]  # same cells, its own rows
+
+
 def test_config_hash_tracks_what_the_cells_run():
     a, b = _spec(), _spec()
     b.overrides = ["logger=csv", "trainer.max_steps=10"]
