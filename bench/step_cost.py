@@ -61,6 +61,8 @@ METHODS = {
     "imitkd": (["+experiment=baseline_imitkd"], "ImitKD: FKL; student-data prob. rises 0->1 (amortised)"),
     "distillm": (["+experiment=baseline_distillm", "scrg.schedule.init=1.0"],
                  "DistiLLM: skew FKL; phi=1: fresh/replay mix, fresh share 1-t/T (amortised)"),
+    "abkd": (["+experiment=baseline_abkd"], "ABKD: alpha-beta divergence (0.2, 0.7) on gold (teacher-forced)"),
+    "taid": (["+experiment=baseline_taid"], "TAID: KL to the adaptive teacher/student interpolation on gold"),
 }
 # --grid: MGSR at rollouts made k batches ahead x fresh rollouts every n steps (replay between), amortised
 GRID = {f"mgsr_k{k}_n{n}": ([f"scrg.rollout_batches={k}", f"scrg.every_n_steps={n}"],
