@@ -55,7 +55,8 @@ def token_rewards(teacher_logprob: torch.Tensor, old_logprob: torch.Tensor, mask
 def future_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 0.95, length_norm: bool = True,
                    include_current: bool = True) -> torch.Tensor:
     """Long-term returns [B, R]: R_t = sum_{t' >= t} gamma^(t' - t) r_t' (their `_get_advantages_and_returns`; with
-    `include_current=False` the sum starts at t' = t + 1, the paper's R_{t+1} of eq. 5). `length_norm`: divided by
+    `include_current=False`
+    R_{t+1} = sum_{t' > t} gamma^(t' - t - 1) r_t', the paper's long-term part of eq. 5). `length_norm`: divided by
     the number of summed (unmasked) tokens, floored at 1 (their `lens`; they always divide). 0 off the mask."""
     m = mask.to(rewards.dtype)
     r = rewards * m
