@@ -249,3 +249,73 @@ def continue_generation(model, seqs: dict, keep: torch.Tensor, cfg: SamplingConf
         valid = torch.cat([valid, valid.new_zeros(bsz, 1)], 1).scatter(1, tgt, tgt_ok)[:, :R]
         resp = torch.where(valid, resp, torch.full_like(resp, pad_id))
     return _assemble(ids[:, :P], attn[:, :P], resp, valid)
+
+
+# Per-token extras a rollout may carry, [B, R] aligned with the response columns (MiniLLM's behaviour log-probs).
+RESPONSE_EXTRAS = ("old_logprob", "mix_logprob")
+
+
+@torch.no_grad()
+def generate_mixed(teacher, student, prompt_ids, prompt_mask, cfg: SamplingConfig, *, mix: float = 0.2, eos_id: int,
+                   pad_id: int, generator=None, vocab: int | None = None) -> dict:
+    """MiniLLM's teacher-mixed sampling: each token is drawn from p_mix = mix p_teacher + (1 - mix) q_student, both
+    models decoding with their own KV caches (LMOps `generate(..., mix_in_model=teacher, mix_in_alpha=0.2)`).
+
+    Returns the canonical-layout dict plus `old_logprob` [B, R] = log q_student(y_t) at sampling time and
+    `mix_logprob` [B, R] = log p_mix(y_t) (0 after a row ends). The warpers of `cfg` act on each model's logits
+    before mixing (the defaults, temperature 1 / top_k 0 / top_p 1, change nothing). `vocab`: the shared vocabulary
+    (both logits cut to it; default the smaller of the two). mix = 0 draws exactly the tokens `generate(student)`
+    draws with the same generator; mix = 1 samples the teacher."""
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"scrg.mix must be in [0, 1], got {mix}")
+    prompt_mask = prompt_mask.long()
+    pos = position_ids(prompt_mask)
+    s_out = student(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
+    t_out = teacher(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
+    s_cache, t_cache = model_cache(s_out), model_cache(t_out)
+    s_logits, t_logits = s_out.logits[:, -1], t_out.logits[:, -1]
+    V = vocab or min(s_logits.shape[-1], t_logits.shape[-1])
+    bsz = prompt_ids.shape[0]
+    budget = torch.full((bsz,), cfg.max_new_tokens, device=prompt_ids.device)
+    if cfg.max_length is not None:
+        budget = torch.minimum(budget, cfg.max_length - prompt_mask.sum(-1))
+    procs = cfg.processors()
+    history, attn, pos = prompt_ids, prompt_mask, pos[:, -1] + 1
+    finished = budget <= 0
+    out, valid, old_lp, mix_lp = [], [], [], []
+    for step in range(int(budget.max().item()) if bsz else 0):
+        s_scores, t_scores = s_logits[:, :V].float(), t_logits[:, :V].float()
+        if len(procs):
+            s_scores, t_scores = procs(history, s_scores), procs(history, t_scores)
+        q = torch.softmax(s_scores, dim=-1)
+        probs = q if mix == 0.0 else mix * torch.softmax(t_scores, dim=-1) + (1.0 - mix) * q
+        if cfg.greedy:
+            tok = probs.argmax(-1)
+        else:
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        live = ~finished
+        tok = torch.where(live, tok, torch.full_like(tok, pad_id))
+        safe = tok.clamp(0, V - 1)[:, None]
+        zero = torch.zeros_like(tok, dtype=torch.float32)
+        old_lp.append(torch.where(live, torch.log_softmax(s_scores, -1).gather(1, safe).squeeze(1), zero))
+        mix_lp.append(torch.where(live, probs.gather(1, safe).squeeze(1).clamp_min(1e-38).log(), zero))
+        out.append(tok)
+        valid.append(live)
+        finished = finished | (tok == eos_id) | (budget <= step + 1)
+        if bool(finished.all()):
+            break
+        history = torch.cat([history, tok[:, None]], dim=1)
+        attn = torch.cat([attn, live.long()[:, None]], dim=1)
+        s_step = student(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
+                         **{CACHE_KW: s_cache})
+        t_step = teacher(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
+                         **{CACHE_KW: t_cache})
+        s_cache, s_logits = model_cache(s_step), s_step.logits[:, -1]
+        t_cache, t_logits = model_cache(t_step), t_step.logits[:, -1]
+        pos = pos + 1
+    if not out:
+        empty = torch.empty(bsz, 0, dtype=torch.long, device=prompt_ids.device)
+        seqs = _assemble(prompt_ids, prompt_mask, empty, empty.bool())
+        return seqs | {k: empty.float() for k in RESPONSE_EXTRAS}
+    seqs = _assemble(prompt_ids, prompt_mask, torch.stack(out, 1), torch.stack(valid, 1))
+    return seqs | {"old_logprob": torch.stack(old_lp, 1), "mix_logprob": torch.stack(mix_lp, 1)}

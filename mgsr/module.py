@@ -16,7 +16,14 @@ import lightning as L
 import torch
 
 from mgsr.evaluation.metrics import rouge_l_per_example
-from mgsr.generation import SamplingConfig, generate, response_logits
+from mgsr.generation import (
+    RESPONSE_EXTRAS,
+    SamplingConfig,
+    generate,
+    generate_mixed,
+    position_ids,
+    response_logits,
+)
 from mgsr.losses.divergences import align_vocab
 from mgsr.losses.sft import sft_loss
 from mgsr.models import shared_vocab_size
@@ -84,6 +91,13 @@ class DistillModule(L.LightningModule):
         stats = RevisionStats()
         try:
             with gathered_for_generation(self):  # FSDP / ZeRO-3: outside forward, parameters are sharded
+                if self.scrg.sampler == "teacher_mix" or getattr(self.distill, "needs_sequences", False):
+                    # MiniLLM: tokens from mix p + (1 - mix) q with the behaviour log-probs (mix 0: the student)
+                    mix = float(self.scrg.mix) if self.scrg.sampler == "teacher_mix" else 0.0
+                    return generate_mixed(self.teacher, self.student, batch["prompt_ids"],
+                                          batch["prompt_attention_mask"], self.train_sampling, mix=mix,
+                                          eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen,
+                                          vocab=self.vocab)
                 seqs = rollout_and_revise(
                     self.teacher, self.student, batch["prompt_ids"], batch["prompt_attention_mask"], self.scrg,
                     self.train_sampling, eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen,
@@ -125,7 +139,13 @@ class DistillModule(L.LightningModule):
         t_logits, s_logits = align_vocab(t_logits, s_logits, self.vocab)
         total, logs = s_logits.new_zeros(()).float(), {}
         if self.distill is not None:
-            loss, parts = self.distill(t_logits, s_logits, mask)
+            if getattr(self.distill, "needs_sequences", False):  # MiniLLM: the rollout's tokens and log-probs
+                R = mask.shape[1]
+                extra = {k: seqs[k][:, :R] for k in RESPONSE_EXTRAS if k in seqs}
+                loss, parts = self.distill(t_logits, s_logits, mask,
+                                           seqs={"tokens": seqs["input_ids"][:, P:P + R], **extra})
+            else:
+                loss, parts = self.distill(t_logits, s_logits, mask)
             total = total + self.distill_weight * loss
             logs[f"{self.distill.group}/loss"] = float(loss.detach())
             logs.update({f"{self.distill.group}/{k}": v for k, v in parts.items()})
@@ -136,6 +156,32 @@ class DistillModule(L.LightningModule):
             logs["span/loss"] = float(loss.detach())
             logs.update({f"span/{k}": v for k, v in parts.items()})
         return total, logs
+
+    def lm_batch(self, batch: dict) -> dict:
+        """The language-modelling text of this step: `lm_data` (a JSONL of texts, served in order by step) or, by
+        default, the gold batch (prompt + response) as plain text."""
+        path = getattr(self.distill, "lm_data", None)
+        if not path:
+            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if getattr(self, "_lm_text", None) is None:
+            from mgsr.data.lm_text import LmText
+            self._lm_text = LmText(path, self.tokenizer, max_len=self.distill.lm_max_len)
+        ids, attn = self._lm_text.batch(self.global_step, batch["input_ids"].shape[0], pad_id=self.pad_id)
+        return {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
+
+    def _lm_terms(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """MiniLLM's `pt_loss` on `lm_batch`: every real next token is a target (plain LM text)."""
+        lm = self.lm_batch(batch)
+        ids, attn = lm["input_ids"], lm["attention_mask"].long()
+        kw = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
+        s_logits = self.student(**kw).logits[:, :-1]
+        t_logits = None
+        if self.distill.kd_ratio is not None:
+            with torch.no_grad():
+                t_logits = self.teacher(**kw).logits[:, :-1]
+            t_logits, s_logits = align_vocab(t_logits, s_logits, self.vocab)
+        mask = attn[:, 1:].bool() & attn[:, :-1].bool()
+        return self.distill.lm_terms(s_logits, ids[:, 1:], mask, t_logits)
 
     def training_step(self, batch, batch_idx):
         bsz = batch["input_ids"].shape[0]
@@ -162,6 +208,10 @@ class DistillModule(L.LightningModule):
                 self.distill.on_train_step(self.global_step, steps,
                                            trainer.accumulate_grad_batches if trainer is not None else 1)
             logs.update(parts)
+            if getattr(self.distill, "lm_weight", 0.0) > 0:  # MiniLLM's language-modelling loss
+                l_lm, lm_logs = self._lm_terms(batch)
+                total = total + self.distill.lm_weight * l_lm
+                logs.update({f"{self.distill.group}/{k}": v for k, v in lm_logs.items()})
             logs["train/distill_tokens"] = float(seqs["response_mask"].sum()) / bsz
         self.log("train/loss", total, prog_bar=True, on_step=True, batch_size=bsz)
         self.log_dict(logs, on_step=True, batch_size=bsz)

@@ -15,6 +15,7 @@ from torch import nn
 
 from mgsr.losses.dac_kl import BANDS, REMAINDERS, FixedQuantileHead, QuantileHead, dac_kl_loss
 from mgsr.losses.divergences import check_divergence, divergence_loss, forward_kl, token_mean
+from mgsr.losses.minillm import lm_loss, minillm_loss
 from mgsr.losses.span import RELATIONS, span_correlation_loss
 from mgsr.losses.taid import taid_terms, taid_update
 from mgsr.spans import SpanExtractor
@@ -66,7 +67,7 @@ class DacKl(nn.Module):
         out = dac_kl_loss(teacher_logits, student_logits, mask, lower, upper, **self.kw)
         logs = {"kl": out.kl, "coverage": out.coverage, "kept": out.kept, "lower_mean": out.lower_mean,
                 "lower_std": out.lower_std, "upper_mean": out.upper_mean, "upper_std": out.upper_std}
-        return out.loss, {k: float(v) for k, v in logs.items()}
+        return out.loss, {k: float(v.detach()) for k, v in logs.items()}
 
 
 class Divergence(nn.Module):
@@ -194,3 +195,66 @@ class SpanCorrelation(nn.Module):
         out = span_correlation_loss(teacher_logits, student_logits, pair_mask, relation=self.relation,
                                     chunk_size=self.chunk_size)
         return out.loss, {"pairs": float(out.num_pairs), "relation_scale": float(out.relation_scale)}
+
+
+class MiniLlm(nn.Module):
+    """MiniLLM (Gu et al., ICLR 2024; mgsr/losses/minillm.py): policy gradient of the sequence-level reverse KL on
+    teacher-mixed student rollouts, with the exact single-step term, length-normalised long-term rewards and PPO
+    ratio clipping; plus their language-modelling loss (`lm_weight` x `pt_loss`), which the module computes on the
+    LM text (the gold batch, or `lm_data`) through `lm_terms`.
+
+    It needs the rollout's behaviour log-probs, so the module calls it with `seqs=` (`needs_sequences`): a dict with
+    `tokens` [B, R], `old_logprob` [B, R] (log q_old at sampling) and `mix_logprob` [B, R] (log p_mix) aligned with
+    the response columns. Defaults: their `train_minillm.py` arguments and GPT-2 scripts."""
+
+    group = "minillm"
+    needs_sequences = True
+
+    def __init__(self, gamma: float = 0.95, length_norm: bool = True, include_current: bool = True,
+                 whitening: bool = True, reward_scaling: float | None = 0.5, reward_clip: float | None = 100.0,
+                 clip: float = 0.2, weight_clip: float | None = None, single_step: bool = True,
+                 lm_weight: float = 1.0, kd_ratio: float | None = 0.5, lm_data: str | None = None,
+                 lm_max_len: int = 512):
+        super().__init__()
+        self.check(gamma=gamma, reward_scaling=reward_scaling, reward_clip=reward_clip, clip=clip,
+                   weight_clip=weight_clip, lm_weight=lm_weight, kd_ratio=kd_ratio, lm_max_len=lm_max_len)
+        self.kw = dict(gamma=float(gamma), length_norm=bool(length_norm), include_current=bool(include_current),
+                       whitening=bool(whitening), reward_scaling=reward_scaling, reward_clip=reward_clip,
+                       clip=float(clip), weight_clip=weight_clip, single_step=bool(single_step))
+        self.lm_weight, self.kd_ratio, self.lm_data, self.lm_max_len = float(lm_weight), kd_ratio, lm_data, lm_max_len
+
+    @staticmethod
+    def check(*, gamma=0.95, reward_scaling=0.5, reward_clip=100.0, clip=0.2, weight_clip=None, lm_weight=1.0,
+              kd_ratio=0.5, lm_max_len=512, **_) -> None:
+        """ValueError naming the key to change."""
+        if not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"loss.distill.gamma={gamma}: need 0 <= gamma <= 1 (the reward discount)")
+        if reward_scaling is not None and float(reward_scaling) <= 0:
+            raise ValueError(f"loss.distill.reward_scaling={reward_scaling}: need > 0 (or null: no scaling)")
+        if reward_clip is not None and float(reward_clip) < 0:
+            raise ValueError(f"loss.distill.reward_clip={reward_clip}: need >= 0 (or null)")
+        if not 0.0 < float(clip) < 1.0:
+            raise ValueError(f"loss.distill.clip={clip}: need 0 < clip < 1 (the PPO ratio clip)")
+        if weight_clip is not None and float(weight_clip) <= 0:
+            raise ValueError(f"loss.distill.weight_clip={weight_clip}: need > 0 (or null: no cap)")
+        if float(lm_weight) < 0:
+            raise ValueError(f"loss.distill.lm_weight={lm_weight}: need >= 0 (0: no language-modelling loss)")
+        if kd_ratio is not None and not 0.0 <= float(kd_ratio) <= 1.0:
+            raise ValueError(f"loss.distill.kd_ratio={kd_ratio}: need 0 <= kd_ratio <= 1 (or null: CE only)")
+        if int(lm_max_len) <= 1:
+            raise ValueError(f"loss.distill.lm_max_len={lm_max_len}: need > 1")
+
+    def forward(self, teacher_logits, student_logits, mask, *, seqs):
+        if "old_logprob" not in seqs:
+            raise ValueError("MiniLlm needs rollouts with recorded log-probs (old_logprob): use fresh student "
+                             "rollouts every step (scrg.enabled=true, scrg.student_prob=1, no replay)")
+        out = minillm_loss(teacher_logits, student_logits, seqs["tokens"], mask, seqs["old_logprob"],
+                           seqs.get("mix_logprob"), **self.kw)
+        logs = {"pg": out.pg, "single_step": out.single_step, "reward": out.reward, "ratio": out.ratio,
+                "clip_frac": out.clip_frac, "weight": out.weight}
+        return out.loss, {k: float(v.detach()) for k, v in logs.items()}
+
+    def lm_terms(self, student_logits, targets, mask, teacher_logits=None):
+        """Their `pt_loss` on LM text: (loss, logs) with logs under this group (lm_loss, lm_ce, lm_distil)."""
+        loss, ce, distil = lm_loss(student_logits, targets, mask, teacher_logits, kd_ratio=self.kd_ratio)
+        return loss, {"lm_loss": float(loss.detach()), "lm_ce": float(ce), "lm_distil": float(distil)}

@@ -29,6 +29,8 @@ class ScrgConfig:
     threshold: float = 0.8             # nats, fixed mode
     quantile: float = 0.8              # adaptive mode
     max_corrections: int = 8           # multi mode cap per sequence
+    sampler: str = "student"           # student | teacher_mix (MiniLLM: tokens from mix p + (1 - mix) q)
+    mix: float = 0.2                   # teacher_mix: the teacher's share a (MiniLLM's --teacher-mixed-alpha)
 
     def __post_init__(self):
         checks = [
@@ -42,6 +44,12 @@ class ScrgConfig:
              f"scrg.threshold_mode must be fixed|adaptive, got {self.threshold_mode!r}"),
             (0.0 < self.quantile < 1.0, f"scrg.quantile must be in (0, 1), got {self.quantile}"),
             (self.max_corrections >= 1, f"scrg.max_corrections must be >= 1, got {self.max_corrections}"),
+            (self.sampler in ("student", "teacher_mix"),
+             f"scrg.sampler must be student|teacher_mix, got {self.sampler!r}"),
+            (0.0 <= float(self.mix) <= 1.0, f"scrg.mix must be in [0, 1], got {self.mix}"),
+            (self.sampler == "student" or self.rounds == 0,
+             f"scrg.sampler=teacher_mix samples MiniLLM rollouts, which SCRG does not revise: set scrg.rounds=0 "
+             f"(got {self.rounds})"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from mgsr.data.collate import left_pad
+from mgsr.generation import RESPONSE_EXTRAS
 from mgsr.replay import ReplayBuffer
 
 SOURCES = ("gold", "fresh", "replay")
@@ -173,7 +174,9 @@ class SequenceSource:
     """
 
     def __init__(self, schedule=None, *, every_n_steps: int = 1, buffer_capacity: int = 256, seed: int = 0,
-                 rollout_batches: int = 1, prompts: list | None = None):
+                 rollout_batches: int = 1, prompts: list | None = None, reuse_rollouts: int = 1):
+        if reuse_rollouts <= 0:
+            raise ValueError(f"scrg.reuse_rollouts must be >= 1, got {reuse_rollouts}")
         if every_n_steps <= 0:
             raise ValueError(f"scrg.every_n_steps must be >= 1, got {every_n_steps}")
         if rollout_batches <= 0:
@@ -190,6 +193,9 @@ class SequenceSource:
         self._prompt_gen = torch.Generator().manual_seed(seed + PROMPT_SEED_OFFSET)
         self.pending: list[dict] = []  # rollouts made ahead, CPU tensors, oldest first; each has "made_at"
         self.last_staleness = 0
+        self.reuse_rollouts = reuse_rollouts
+        self.reused: dict | None = None  # the fresh rollout being served again (CPU tensors)
+        self.reuse_left = 0  # further fresh requests it answers
 
     @property
     def wants_reference(self) -> bool:
@@ -210,8 +216,15 @@ class SequenceSource:
         if source == "gold":
             return source, None
         if source == "fresh":
+            if self.reuse_left > 0 and self.reused is not None:  # an inner epoch over the same rollout
+                self.reuse_left -= 1
+                return source, {k: (v.to(device) if torch.is_tensor(v) and device is not None else v)
+                                for k, v in self.reused.items()}
             seqs = self._fresh(batch, step, rollout, pad_id, device) if self.rollout_batches > 1 else rollout(batch)
             self.buffer.add(seqs)
+            if self.reuse_rollouts > 1:
+                self.reused = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in seqs.items()}
+                self.reuse_left = self.reuse_rollouts - 1
             return source, seqs
         return source, self.buffer.sample(batch["input_ids"].shape[0], pad_id=pad_id, device=device)
 
@@ -248,7 +261,8 @@ class SequenceSource:
     def state_dict(self) -> dict:
         return {"buffer": self.buffer.state_dict(), "gen": self._gen.get_state(), "counts": dict(self.counts),
                 "schedule": self.schedule.state_dict(), "pending": [dict(p) for p in self.pending],
-                "prompt_gen": self._prompt_gen.get_state(), "last_staleness": self.last_staleness}
+                "prompt_gen": self._prompt_gen.get_state(), "last_staleness": self.last_staleness,
+                "reused": dict(self.reused) if self.reused is not None else None, "reuse_left": self.reuse_left}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer.load_state_dict(state["buffer"])
@@ -263,6 +277,8 @@ class SequenceSource:
         if "prompt_gen" in state:
             self._prompt_gen.set_state(state["prompt_gen"])
         self.last_staleness = int(state.get("last_staleness", 0))
+        self.reused = dict(state["reused"]) if state.get("reused") is not None else None
+        self.reuse_left = int(state.get("reuse_left", 0))
 
 
 def _rows(seqs: dict, rows: slice) -> dict:
@@ -270,6 +286,7 @@ def _rows(seqs: dict, rows: slice) -> dict:
     P = seqs["prompt_len"]
     width = P + max(int(seqs["response_mask"][rows, P:].sum(-1).max()), 1)
     out = {k: v[rows, :width].cpu() for k, v in seqs.items() if k in ("input_ids", "attention_mask", "response_mask")}
+    out |= {k: seqs[k][rows, :width - P].cpu() for k in RESPONSE_EXTRAS if k in seqs}
     return out | {"prompt_len": P, "prompt_ids": out["input_ids"][:, :P], "prompt_attention_mask": out["attention_mask"][:, :P]}
 
 
@@ -279,4 +296,5 @@ def build_sequence_source(scrg, seed: int, *, instantiate=None, prompts=None) ->
     schedule = instantiate(scrg.schedule) if scrg.get("schedule") is not None else \
         EveryNSteps(float(scrg.get("student_prob", 1.0)))
     return SequenceSource(schedule, every_n_steps=int(scrg.every_n_steps), buffer_capacity=int(scrg.buffer_capacity),
-                          seed=seed, rollout_batches=int(scrg.get("rollout_batches", 1)), prompts=prompts)
+                          seed=seed, rollout_batches=int(scrg.get("rollout_batches", 1)), prompts=prompts,
+                          reuse_rollouts=int(scrg.get("reuse_rollouts", 1)))

@@ -128,6 +128,9 @@ def test_experiment_runs_a_few_steps(name, tiny_overrides, tmp_path):
         assert f"kd/{loss.distill.get('name', 'fkl')}" in cols
     elif loss.distill_weight > 0 and distill.endswith("Taid"):
         assert {"taid/t", "taid/kl", "taid/ce"} <= cols and not any(c.startswith(("dac/", "kd/")) for c in cols)
+    elif loss.distill_weight > 0 and distill.endswith("MiniLlm"):
+        assert {"minillm/pg", "minillm/single_step", "minillm/ratio", "minillm/lm_loss"} <= cols
+        assert not any(c.startswith(("dac/", "kd/")) for c in cols)
     else:
         assert not any(c.startswith(("dac/", "kd/")) for c in cols)
     assert ("span/loss" in cols) == (loss.span_weight > 0 and loss.get("span") is not None)

@@ -17,7 +17,8 @@ def scrg_config(cfg: DictConfig) -> ScrgConfig:
     s = cfg.scrg
     return ScrgConfig(rounds=s.rounds, mode=s.mode, teacher_token=s.teacher_token, divergence=s.divergence,
                       threshold_mode=s.threshold_mode, threshold=s.threshold, quantile=s.quantile,
-                      max_corrections=s.max_corrections)
+                      max_corrections=s.max_corrections, sampler=s.get("sampler", "student"),
+                      mix=float(s.get("mix", 0.2)))
 
 
 def build_module(cfg: DictConfig, student, teacher, tokenizer, dm=None) -> DistillModule:

@@ -58,6 +58,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"scrg.sampling.max_new_tokens={s.sampling.max_new_tokens}: must be > 0")
     if int(cfg.eval.max_new_tokens) <= 0:
         raise ConfigError(f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be > 0")
+    if int(s.get("reuse_rollouts", 1)) <= 0:
+        raise ConfigError(f"scrg.reuse_rollouts={s.reuse_rollouts}: must be >= 1 (1 = each rollout serves one step)")
     if int(s.get("rollout_batches", 1)) <= 0:
         raise ConfigError(f"scrg.rollout_batches={s.rollout_batches}: must be >= 1 (1 = rollouts on each batch's prompts)")
     if int(s.buffer_capacity) <= 0:
