@@ -94,6 +94,16 @@ def _next_token(logits, history, cfg: SamplingConfig, procs, generator) -> torch
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _record(tok, finished, budget, step: int, eos_id: int, pad_id: int, out: list, valid: list):
+    """One decode step's bookkeeping: pad the drawn token of finished rows, record token and validity, and return
+    (token, rows live before it, rows finished after it)."""
+    live = ~finished
+    tok = torch.where(live, tok, torch.full_like(tok, pad_id))
+    out.append(tok)
+    valid.append(live)
+    return tok, live, finished | (tok == eos_id) | (budget <= step + 1)
+
+
 @torch.no_grad()
 def _decode(model, logits, cache, history, attn, pos, budget, cfg, eos_id, pad_id, generator):
     """Sample until every row has emitted EOS or spent its `budget` [B] of new tokens.
@@ -108,15 +118,10 @@ def _decode(model, logits, cache, history, attn, pos, budget, cfg, eos_id, pad_i
     out, valid = [], []
     for step in range(int(budget.max().item()) if bsz else 0):
         tok = _next_token(logits, history, cfg, procs, generator)
-        live = ~finished
-        tok = torch.where(live, tok, torch.full_like(tok, pad_id))
-        out.append(tok)
-        valid.append(live)
-        finished = finished | (tok == eos_id) | (budget <= step + 1)
+        tok, live, finished = _record(tok, finished, budget, step, eos_id, pad_id, out, valid)
         if bool(finished.all()):
             break
-        history = torch.cat([history, tok[:, None]], dim=1)
-        attn = torch.cat([attn, live.long()[:, None]], dim=1)
+        history, attn = torch.cat([history, tok[:, None]], dim=1), torch.cat([attn, live.long()[:, None]], dim=1)
         step_out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
                          **{CACHE_KW: cache})
         cache, logits = model_cache(step_out), step_out.logits[:, -1]
@@ -293,19 +298,14 @@ def generate_mixed(teacher, student, prompt_ids, prompt_mask, cfg: SamplingConfi
             tok = probs.argmax(-1)
         else:
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        live = ~finished
-        tok = torch.where(live, tok, torch.full_like(tok, pad_id))
+        tok, live, finished = _record(tok, finished, budget, step, eos_id, pad_id, out, valid)
         safe = tok.clamp(0, V - 1)[:, None]
         zero = torch.zeros_like(tok, dtype=torch.float32)
         old_lp.append(torch.where(live, torch.log_softmax(s_scores, -1).gather(1, safe).squeeze(1), zero))
         mix_lp.append(torch.where(live, probs.gather(1, safe).squeeze(1).clamp_min(1e-38).log(), zero))
-        out.append(tok)
-        valid.append(live)
-        finished = finished | (tok == eos_id) | (budget <= step + 1)
         if bool(finished.all()):
             break
-        history = torch.cat([history, tok[:, None]], dim=1)
-        attn = torch.cat([attn, live.long()[:, None]], dim=1)
+        history, attn = torch.cat([history, tok[:, None]], dim=1), torch.cat([attn, live.long()[:, None]], dim=1)
         s_step = student(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
                          **{CACHE_KW: s_cache})
         t_step = teacher(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
