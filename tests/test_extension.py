@@ -76,6 +76,6 @@ def test_hellinger_ranks_scrg_errors(tree, tmp_path, cache_dir):
 
 def test_hellinger_in_a_baseline(tree, tmp_path, cache_dir):
     _, calls, rows = _train(tree, tmp_path, cache_dir, "+experiment=baseline_gkd", "loss/distill=hellinger",
-                            "loss.distill.scale=2.0")
+                            "+loss.distill.scale=2.0")
     assert _logged(rows, "kd/hellinger") and "grad" in calls
     assert all(0.0 <= v <= 2.0 for v in _logged(rows, "kd/hellinger"))
