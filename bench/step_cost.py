@@ -63,6 +63,7 @@ METHODS = {
                  "DistiLLM: skew FKL; phi=1: fresh/replay mix, fresh share 1-t/T (amortised)"),
     "abkd": (["+experiment=baseline_abkd"], "ABKD: alpha-beta divergence (0.2, 0.7) on gold (teacher-forced)"),
     "taid": (["+experiment=baseline_taid"], "TAID: KL to the adaptive teacher/student interpolation on gold"),
+    "minillm": (["+experiment=baseline_minillm"], "MiniLLM: teacher-mixed rollouts reused 4x, PPO + single-step RKL + LM"),
 }
 # --grid: MGSR at rollouts made k batches ahead x fresh rollouts every n steps (replay between), amortised
 GRID = {f"mgsr_k{k}_n{n}": ([f"scrg.rollout_batches={k}", f"scrg.every_n_steps={n}"],
