@@ -207,11 +207,16 @@ def test_mix_one_samples_the_teacher():
     assert torch.equal(a["input_ids"], b["input_ids"])
 
 
-def test_recorded_logprobs_equal_a_forward_pass():
+def _mixed_rollout(new_tokens: int):
     teacher, student = _model(1), _model(2)
     ids, mask = _prompts()
-    out = generate_mixed(teacher, student, ids, mask, SamplingConfig(max_new_tokens=8), mix=0.2, eos_id=2, pad_id=0,
-                         generator=torch.Generator().manual_seed(0))
+    out = generate_mixed(teacher, student, ids, mask, SamplingConfig(max_new_tokens=new_tokens), mix=0.2, eos_id=2,
+                         pad_id=0, generator=torch.Generator().manual_seed(0))
+    return teacher, student, out
+
+
+def test_recorded_logprobs_equal_a_forward_pass():
+    teacher, student, out = _mixed_rollout(8)
     P = out["prompt_len"]
     tokens, m = out["input_ids"][:, P:], out["response_mask"][:, P:]
     with torch.no_grad():
@@ -224,10 +229,7 @@ def test_recorded_logprobs_equal_a_forward_pass():
 
 
 def test_objective_reads_the_rollout():
-    teacher, student = _model(1), _model(2)
-    ids, mask = _prompts()
-    out = generate_mixed(teacher, student, ids, mask, SamplingConfig(max_new_tokens=6), mix=0.2, eos_id=2, pad_id=0,
-                         generator=torch.Generator().manual_seed(0))
+    teacher, student, out = _mixed_rollout(6)
     P = out["prompt_len"]
     with torch.no_grad():
         t_logits = response_logits(teacher, out)
