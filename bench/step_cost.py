@@ -66,17 +66,18 @@ METHODS = {
     "minillm": (["+experiment=baseline_minillm"], "MiniLLM: teacher-mixed rollouts reused 4x, PPO + single-step RKL + LM"),
 }
 # --grid: MGSR at rollouts made k batches ahead x fresh rollouts every n steps (replay between), amortised
-GRID = {f"mgsr_k{k}_n{n}": ([f"scrg.rollout_batches={k}", f"scrg.every_n_steps={n}"],
-                            f"MGSR, rollouts {k} batches ahead, fresh every {n} steps (amortised over {k * n})")
-        for k in (1, 4, 8) for n in (1, 2, 4)}
+GRID_SETTINGS = {f"mgsr_k{k}_n{n}": (k, n) for k in (1, 4, 8) for n in (1, 2, 4)}
+GRID = {name: ([f"scrg.rollout_batches={k}", f"scrg.every_n_steps={n}"],
+               f"MGSR, rollouts {k} batches ahead, fresh every {n} steps (amortised over {k * n})")
+        for name, (k, n) in GRID_SETTINGS.items()}
 METHODS |= GRID
 
 
 def steps_for(method: str, steps: int) -> int:
     """Timed steps of one round: a multiple of the method's generation period (k x n steps for the grid)."""
-    if method not in GRID:
+    if method not in GRID_SETTINGS:
         return steps
-    k, n = (int(x[1:]) for x in method.split("_")[1:])
+    k, n = GRID_SETTINGS[method]
     period = k * n
     return max(period, -(-steps // period) * period)
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from mgsr.data.collate import left_pad
+from mgsr.data.collate import pad_rows
 from mgsr.generation import RESPONSE_EXTRAS
 from mgsr.replay import ReplayBuffer
 
@@ -218,8 +218,7 @@ class SequenceSource:
         if source == "fresh":
             if self.reuse_left > 0 and self.reused is not None:  # an inner epoch over the same rollout
                 self.reuse_left -= 1
-                return source, {k: (v.to(device) if torch.is_tensor(v) and device is not None else v)
-                                for k, v in self.reused.items()}
+                return source, _to_device(self.reused, device)
             seqs = self._fresh(batch, step, rollout, pad_id, device) if self.rollout_batches > 1 else rollout(batch)
             self.buffer.add(seqs)
             if self.reuse_rollouts > 1:
@@ -236,13 +235,15 @@ class SequenceSource:
             own = [row[mask.bool()].cpu() for row, mask in zip(batch["prompt_ids"], batch["prompt_attention_mask"])]
             idx = torch.randint(len(self.prompts), ((self.rollout_batches - 1) * bsz,), generator=self._prompt_gen)
             extra = [torch.as_tensor(self.prompts[i], dtype=torch.long) for i in idx.tolist()]
-            ids, mask = left_pad(own + extra, pad_id=pad_id)
+            empty = torch.empty(0, dtype=torch.long)
+            prompts = pad_rows([(p, empty) for p in own + extra], pad_id=pad_id)  # the prompt columns are used
+            ids, mask = prompts["prompt_ids"], prompts["prompt_attention_mask"]
             dev = batch["prompt_ids"].device
             seqs = rollout({"prompt_ids": ids.to(dev), "prompt_attention_mask": mask.to(dev), "input_ids": ids})
             self.pending = [dict(_rows(seqs, slice(i, i + bsz)), made_at=step) for i in range(0, ids.shape[0], bsz)]
         out = self.pending.pop(0)
         self.last_staleness = step - out.pop("made_at")
-        return {k: (v.to(device) if torch.is_tensor(v) and device is not None else v) for k, v in out.items()}
+        return _to_device(out, device)
 
     def schedule_logs(self, step: int, total: int) -> dict[str, float]:
         logs = {"seq/staleness": float(self.last_staleness)} if self.rollout_batches > 1 else {}
@@ -279,6 +280,10 @@ class SequenceSource:
         self.last_staleness = int(state.get("last_staleness", 0))
         self.reused = dict(state["reused"]) if state.get("reused") is not None else None
         self.reuse_left = int(state.get("reuse_left", 0))
+
+
+def _to_device(seqs: dict, device) -> dict:
+    return seqs if device is None else {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in seqs.items()}
 
 
 def _rows(seqs: dict, rows: slice) -> dict:

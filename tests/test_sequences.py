@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mgsr.data.collate import left_pad
+from mgsr.data.collate import pad_rows
 from mgsr.sequences import SequenceSource
 
 PAD = 0
@@ -14,7 +14,8 @@ B = 2
 
 
 def _prompt_batch(prompts: list[list[int]]) -> dict:
-    ids, mask = left_pad([torch.tensor(p) for p in prompts], pad_id=PAD)
+    seqs = pad_rows([(torch.tensor(p), torch.empty(0, dtype=torch.long)) for p in prompts], pad_id=PAD)
+    ids, mask = seqs["prompt_ids"], seqs["prompt_attention_mask"]
     return {"prompt_ids": ids, "prompt_attention_mask": mask, "input_ids": ids}
 
 

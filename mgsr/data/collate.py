@@ -139,12 +139,3 @@ def pad_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], *, pad_id: int, devi
         out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in out.items()}
     return out
 
-
-def left_pad(prompts: list[torch.Tensor], *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-d prompt id tensors -> (ids [B, P] left-padded with `pad_id`, attention mask [B, P])."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):], mask[b, P - len(p):] = p, 1
-    return ids, mask
