@@ -4,6 +4,12 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests on a fixed example sequence (HYPOTHESIS_PROFILE=ci in .ci/run): a red CI then means
+# the code changed, not the draw; local runs keep searching fresh examples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MGSR_SHARED", REPO.parent / "shared"))

@@ -43,8 +43,15 @@ def _assert_fast_matches_reference(t, s, mask, lower, upper, grad_atol=1e-7, **k
     ref, ref_grads = _run(dac_kl_reference, t, s, mask, lower, upper, **kw)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(got_grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=grad_atol)
+    for i, (a, b) in enumerate(zip(got_grads, ref_grads)):
+        try:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=grad_atol)
+        except AssertionError:
+            # The float32 reference rounds too (sums of 1e4-scale logits with ties): then the exact value decides,
+            # the reference in float64, with the same tolerance (hypothesis found a case where the fast path is
+            # 2e-8 from it and the float32 reference 4e-6).
+            exact = _run(dac_kl_reference, t.double(), s.double(), mask, lower.double(), upper.double(), **kw)[1][i]
+            torch.testing.assert_close(a.double(), exact, rtol=1e-4, atol=grad_atol)
 
 
 PATHS = (("TopkHardMassMerge", "topk"), ("TopkSoftMassMerge", "topk_soft"), ("SortedMassMerge", "sorted"))
