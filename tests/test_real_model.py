@@ -13,17 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED, compose_train, require_real_model
+from conftest import SHARED, compose_train
 
 pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="module")
-def real_cache(tmp_path_factory) -> Path:
-    require_real_model()
-    if not (SHARED / "data" / "dolly").is_dir():
-        pytest.fail(f"Dolly data not found under {SHARED} (set MGSR_SHARED)")
-    return Path(os.environ["MGSR_CACHE"]) if os.environ.get("MGSR_CACHE") else tmp_path_factory.mktemp("real")
 
 
 @pytest.fixture(autouse=True)

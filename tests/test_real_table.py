@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 import yaml
-from conftest import REPO, compose_train, require_real_model
+from conftest import REPO, SHARED, compose_train, require_real_model
 
 from mgsr.build.validate import validate
 
@@ -28,6 +28,24 @@ def test_every_row_is_a_valid_real_smollm2_run(method):
         assert cfg.eval_only is None and cfg.name == method
     else:
         assert cfg.eval_only == {"teacher": "teacher", "init": "student_init"}[method]
+
+
+@pytest.mark.real_model
+def test_the_final_test_set_keeps_at_least_200_prompts(real_cache, monkeypatch):
+    """data.max_eval_records counts records read; prompts over max_prompt_len are dropped after that, so the
+    preset reads enough of them for >= 200 to survive under the real tokenizer's chat template."""
+    from mgsr.build.data import build_datamodule, resolve_data_path
+    from mgsr.build.tokenizer import build_tokenizer
+    from mgsr.sources import resolve_model_sources
+
+    monkeypatch.setenv("MGSR_DATA", str(SHARED / "data"))
+    cfg = compose_train([*SPEC["methods"]["mgsr"], "seed=0", *SPEC["overrides"], f"cache_dir={real_cache}"])
+    resolve_model_sources(cfg)
+    resolve_data_path(cfg)
+    dm = build_datamodule(cfg, build_tokenizer(cfg))
+    dm.setup("test")
+    kept, dropped = len(dm.records["test"]), dm.stats["test"].get("prompt_too_long", 0)
+    assert kept + dropped == cfg.data.max_eval_records and kept >= 200, (kept, dropped)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script would run")
