@@ -38,6 +38,7 @@ class SamplingConfig:
     no_repeat_ngram_size: int = 0
     greedy: bool = False
     max_length: int | None = None  # `generate` only: also cap prompt (its own tokens) + response per row
+    compact: bool = True  # drop finished rows from the model's batch (same tokens: see `_decode`)
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -86,8 +87,14 @@ def response_logits(model, seqs: dict, **kw) -> torch.Tensor:
     return out.logits[:, :-1]
 
 
-def _next_token(logits, history, cfg: SamplingConfig, procs, generator) -> torch.Tensor:
+def _next_token(logits, history, rows, bsz: int, cfg: SamplingConfig, procs, generator) -> torch.Tensor:
+    """Draw one token for each of the `bsz` rows of the batch; `logits` [b, V] / `history` [b, L] are those of the
+    rows `rows` [b] still in the model's batch. The draw is made over all `bsz` rows (a finished row gets flat
+    scores and its token is discarded): torch.multinomial's noise per row does not depend on the other rows'
+    probabilities, so dropping finished rows from the model's batch leaves every live row's token unchanged."""
     scores = procs(history, logits.float()) if len(procs) else logits.float()
+    if scores.shape[0] != bsz:
+        scores = scores.new_zeros(bsz, scores.shape[1]).index_copy_(0, rows, scores)
     if cfg.greedy:
         return scores.argmax(-1)
     probs = torch.softmax(scores, dim=-1)
@@ -104,6 +111,11 @@ def _record(tok, finished, budget, step: int, eos_id: int, pad_id: int, out: lis
     return tok, live, finished | (tok == eos_id) | (budget <= step + 1)
 
 
+# Compacting copies the whole KV cache (about one decode step's memory traffic), so it waits until this share of
+# the model's batch has finished; with a batch of 8 or fewer every finished row leaves at once.
+COMPACT_SHARE = 0.125
+
+
 @torch.no_grad()
 def _decode(model, logits, cache, history, attn, pos, budget, cfg, eos_id, pad_id, generator):
     """Sample until every row has emitted EOS or spent its `budget` [B] of new tokens.
@@ -111,16 +123,26 @@ def _decode(model, logits, cache, history, attn, pos, budget, cfg, eos_id, pad_i
     logits [B, V]: next-token logits after the prefix; history [B, L] / attn [B, L]: the prefix ids and mask
     (history feeds the n-gram ban); pos [B]: position id of the next token. Returns new tokens [B, N]
     (pad after a row finishes) and their validity mask.
+
+    Ragged decode (`cfg.compact`): rows that finished leave the model's batch (the KV cache keeps the rows `rows`),
+    so a step costs what its live rows cost; a row with budget 0 (SCRG: a row not re-generated) costs nothing.
     """
     procs = cfg.processors()
     bsz = logits.shape[0]
     finished = budget <= 0
+    rows = torch.arange(bsz, device=logits.device)  # the original rows in the model's batch, in order
+    compact = cfg.compact and hasattr(cache, "batch_select_indices")
     out, valid = [], []
     for step in range(int(budget.max().item()) if bsz else 0):
-        tok = _next_token(logits, history, cfg, procs, generator)
+        tok = _next_token(logits, history, rows, bsz, cfg, procs, generator)
         tok, live, finished = _record(tok, finished, budget, step, eos_id, pad_id, out, valid)
         if bool(finished.all()):
             break
+        tok, live = tok[rows], live[rows]
+        if compact and int(finished[rows].sum()) >= max(1, COMPACT_SHARE * len(rows)):
+            keep = (~finished[rows]).nonzero().squeeze(1)
+            rows, tok, live, history, attn, pos = (x[keep] for x in (rows, tok, live, history, attn, pos))
+            cache.batch_select_indices(keep)
         history, attn = torch.cat([history, tok[:, None]], dim=1), torch.cat([attn, live.long()[:, None]], dim=1)
         step_out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
                          **{CACHE_KW: cache})

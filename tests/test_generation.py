@@ -150,3 +150,65 @@ def test_decoding_emits_no_cache_deprecation_warning(family, caplog):
                       and ("past_key_values" in str(w.message) or "cache" in str(w.message))]
     assert not cache_warnings, cache_warnings
     assert "past_key_values" not in caplog.text
+
+
+def _batch_sizes(model):
+    """Record the batch size of every forward the model runs (prefill and decode steps)."""
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: sizes.append((kw.get("input_ids") if "input_ids" in kw
+                                                                             else a[0]).shape[0]), with_kwargs=True)
+    return sizes, handle
+
+
+def _ragged_prompts():
+    # six prompts of 1-6 tokens: with max_length=10, budgets of 4-9 new tokens, so rows finish one by one
+    ids = torch.full((6, 6), PAD)
+    for b in range(6):
+        ids[b, 6 - (b + 1):] = torch.arange(2, 3 + b) + 3 * b
+    return ids, (ids != PAD).long()
+
+
+@pytest.mark.parametrize("ngram", [0, 2])
+def test_ragged_decode_draws_the_same_tokens_with_finished_rows_dropped(model, ngram):
+    ids, mask = _ragged_prompts()
+    runs = {}
+    for compact in (False, True):
+        cfg = SamplingConfig(max_new_tokens=9, max_length=10, no_repeat_ngram_size=ngram, compact=compact)
+        sizes, handle = _batch_sizes(model)
+        try:
+            runs[compact] = generate(model, ids, mask, cfg, eos_id=EOS, pad_id=PAD,
+                                     generator=torch.Generator().manual_seed(5)), sizes
+        finally:
+            handle.remove()
+    (full, full_sizes), (ragged, ragged_sizes) = runs[False], runs[True]
+    for k in ("input_ids", "attention_mask", "response_mask"):
+        assert torch.equal(full[k], ragged[k]), k
+    assert set(full_sizes) == {6}
+    assert ragged_sizes[0] == 6 and ragged_sizes[-1] < 6  # finished rows left the model's batch
+    assert ragged_sizes == sorted(ragged_sizes, reverse=True)
+    assert sum(ragged_sizes) < sum(full_sizes)
+
+
+def test_ragged_regeneration_skips_rows_not_revised_and_keeps_the_tokens(model):
+    ids, mask = _prompts()
+    seqs = generate(model, ids, mask, SamplingConfig(max_new_tokens=10), eos_id=EOS, pad_id=PAD,
+                    generator=torch.Generator().manual_seed(2))
+    keep, active = torch.tensor([2, 1, 4]), torch.tensor([True, False, True])
+    runs = {}
+    for compact in (False, True):
+        out = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"], use_cache=True)
+        sizes, handle = _batch_sizes(model)
+        try:
+            res = continue_generation(model, seqs, keep, SamplingConfig(max_new_tokens=10, compact=compact),
+                                      eos_id=EOS, pad_id=PAD, cache=model_cache(out),
+                                      cache_valid=torch.tensor([1, 0, 2]), active=active,
+                                      generator=torch.Generator().manual_seed(9))
+        finally:
+            handle.remove()
+        runs[compact] = res, sizes
+    (full, full_sizes), (ragged, ragged_sizes) = runs[False], runs[True]
+    for k in ("input_ids", "attention_mask", "response_mask"):
+        assert torch.equal(full[k], ragged[k]), k
+    assert _response(ragged, 1) == _response(seqs, 1)
+    assert set(full_sizes) == {3}
+    assert max(ragged_sizes[1:]) <= 2  # after the prefix, the row not revised is never decoded
