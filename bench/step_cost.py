@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import time
 import warnings
@@ -55,6 +56,7 @@ METHODS = {
     "mgsr_gold": (["scrg=off"], "MGSR losses (SFT + DAC-KL + span) on gold: no student data"),
     "mgsr_rounds0": (["scrg.rounds=0"], "MGSR losses on fresh student rollouts, no SCRG revision"),
     "mgsr": ([], "MGSR default: rollout + 1 SCRG round every step (every_n_steps=1)"),
+    "mgsr_unragged": (["scrg.sampling.compact=false"], "MGSR default, finished rows kept in the decode batch"),
     "mgsr_every4": (["scrg.every_n_steps=4"], "MGSR, SCRG every 4 steps, replay between (amortised)"),
     "seqkd": (["+experiment=baseline_sft"], "SeqKD's step = SFT on cached teacher samples (one-off sampling)"),
     "gkd": (["+experiment=baseline_gkd"], "GKD: JSD(0.5); student data with prob. 0.5 (amortised)"),
@@ -157,7 +159,8 @@ def fit_steps(cfg, student, teacher, tokenizer, batch, steps: int, profile_step:
 
 def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: int, eos_id: int, pad_id: int) -> dict:
     """SCRG's re-generation after the corrected position (prefix KV cache re-used, as `revise_once` does), the
-    same without the cache, and a full generation from the prompt with the same length cap."""
+    same without the cache, the same without ragged decode (finished rows stay in the batch), and a full generation
+    from the prompt with the same length cap."""
     student.eval()
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_attention_mask"]
     seqs = generate(student, prompt_ids, prompt_mask, sampling, eos_id=eos_id, pad_id=pad_id,
@@ -176,7 +179,8 @@ def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: i
         keep = torch.where(active, first + 1, resp_mask.sum(-1))
         return spliced, keep, cache, torch.where(active, first, keep), active
 
-    times = {"regen_cached": [], "regen_no_cache": [], "full_generation": []}
+    times = {"regen_cached": [], "regen_cached_unragged": [], "regen_no_cache": [], "full_generation": []}
+    unragged = dataclasses.replace(sampling, compact=False)
     new_tokens = {k: [] for k in times}
     with torch.no_grad():
         for r in range(reps):
@@ -191,9 +195,10 @@ def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: i
                     times[name].append(dt)
                     continue
                 spliced, keep, cache, cache_valid, active = splice()  # a fresh cache each time (it is shifted)
-                kw = {"cache": cache, "cache_valid": cache_valid} if name == "regen_cached" else {}
+                kw = {"cache": cache, "cache_valid": cache_valid} if name.startswith("regen_cached") else {}
                 t0 = time.perf_counter()
-                out = continue_generation(student, spliced, keep, sampling, eos_id=eos_id, pad_id=pad_id,
+                out = continue_generation(student, spliced, keep, unragged if name.endswith("unragged") else sampling,
+                                          eos_id=eos_id, pad_id=pad_id,
                                           active=active, generator=gen, **kw)
                 dt = time.perf_counter() - t0
                 new_tokens[name].append(float((out["response_mask"].sum(-1) - keep).clamp_min(0).sum()))
@@ -204,7 +209,38 @@ def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: i
             "mean_keep_frac": float((keep.float() / resp_mask.sum(-1).clamp_min(1)).mean()),
             "regen_cached_x_full": med["regen_cached"] / med["full_generation"],
             "regen_no_cache_x_full": med["regen_no_cache"] / med["full_generation"],
+            "regen_unragged_x_full": med["regen_cached_unragged"] / med["full_generation"],
             "max_new_tokens": sampling.max_new_tokens, "batch": int(prompt_ids.shape[0])}
+
+
+def regeneration_rows(args, teacher, student, batch, tokenizer) -> list[dict]:
+    """One row per length cap: the batched re-generation and, one row at a time, the same (the per-row cost)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = []
+    for length in args.regen_lengths:
+        sampling = SamplingConfig(max_new_tokens=length)
+        res = regeneration_cost(teacher, student, batch, sampling, args.regen_reps, eos, pad)
+        singles = [regeneration_cost(teacher, student, {k: v[i:i + 1] if torch.is_tensor(v) else v
+                                                        for k, v in batch.items()}, sampling, args.regen_reps, eos,
+                                     pad) for i in range(args.batch_size)]
+        totals = {k: sum(r["median_s"][k] for r in singles) for k in res["median_s"]}
+        res["per_row_cached_x_full"] = totals["regen_cached"] / totals["full_generation"]
+        res["per_row_no_cache_x_full"] = totals["regen_no_cache"] / totals["full_generation"]
+        res["tokens_x_full"] = res["new_tokens"]["regen_cached"] / res["new_tokens"]["full_generation"]
+        rows.append(res)
+    return rows
+
+
+def print_regeneration(regen: list[dict], batch_size: int) -> None:
+    print("\nSCRG re-generation (prefix cache re-used) vs a full generation with the same length cap, batch "
+          f"{batch_size} (ragged decode; unragged: finished rows kept in the batch) and one row at a time (per_row_*):")
+    print(table([{"max_new_tokens": g["max_new_tokens"], "keep_frac": g["mean_keep_frac"],
+                  "new_tokens_x_full": g["tokens_x_full"], "regen_cached_s": g["median_s"]["regen_cached"],
+                  "full_s": g["median_s"]["full_generation"], "cached_x_full": g["regen_cached_x_full"],
+                  "unragged_x_full": g["regen_unragged_x_full"], "no_cache_x_full": g["regen_no_cache_x_full"],
+                  "per_row_cached_x_full": g["per_row_cached_x_full"]} for g in regen],
+                ["max_new_tokens", "keep_frac", "new_tokens_x_full", "regen_cached_s", "full_s", "cached_x_full",
+                 "unragged_x_full", "no_cache_x_full", "per_row_cached_x_full"]))
 
 
 def main() -> None:
@@ -216,6 +252,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--regen-reps", type=int, default=5)
     p.add_argument("--regen-lengths", type=int, nargs="+", default=[48, 128])
+    p.add_argument("--regen-only", action="store_true", help="only the re-generation table (no steps, no losses)")
     p.add_argument("--cache-dir", default=str(REPO / ".cache" / "mgsr"), help="tokenizer cache")
     p.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for every method")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "step_cost.json"))
@@ -256,6 +293,11 @@ def main() -> None:
     cfgs = {m: compose([f"cache_dir={args.cache_dir}", *METHODS[m][0], *args.overrides]) for m in args.methods}
     students = {m: copy.deepcopy(student0) for m in args.methods}
 
+    if args.regen_only:
+        regen = regeneration_rows(args, teacher, student0, batch, tokenizer)
+        write_json(args.out, {"machine": machine(), "args": vars(args), "regeneration": regen})
+        print_regeneration(regen, args.batch_size)
+        return
     per_round = {m: [] for m in args.methods}
     peaks = {}
     for r in range(args.rounds):
@@ -277,23 +319,8 @@ def main() -> None:
                      "mem_x_kd": mb / kd_mb if mb is not None and kd_mb else None, "what": METHODS[m][1],
                      "per_round_s": per_round[m]})
 
-    regen, loss_rows = [], []
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if args.device != "cpu":
-        args.regen_lengths = []  # the re-generation and loss-alone parts are the CPU measurements
-    for length in args.regen_lengths:
-        sampling = SamplingConfig(max_new_tokens=length)
-        res = regeneration_cost(teacher, student0, batch, sampling, args.regen_reps, eos, pad)
-        # the same, one row at a time: without ragged batching a row decodes only after its own correction
-        singles = [regeneration_cost(teacher, student0, {k: v[i:i + 1] if torch.is_tensor(v) else v
-                                                         for k, v in batch.items()}, sampling, args.regen_reps, eos,
-                                     pad) for i in range(args.batch_size)]
-        totals = {k: sum(r["median_s"][k] for r in singles) for k in res["median_s"]}
-        res["per_row_cached_x_full"] = totals["regen_cached"] / totals["full_generation"]
-        res["per_row_no_cache_x_full"] = totals["regen_no_cache"] / totals["full_generation"]
-        res["tokens_x_full"] = res["new_tokens"]["regen_cached"] / res["new_tokens"]["full_generation"]
-        regen.append(res)
-
+    loss_rows = []
+    regen = regeneration_rows(args, teacher, student0, batch, tokenizer) if args.device == "cpu" else []
     # the DAC-KL loss alone at V = 50k vs the forward KL (see bench/loss_scaling.py for the sweep)
     from common import interleaved_medians
     from loss_scaling import cases, make_logits
@@ -310,15 +337,7 @@ def main() -> None:
     print(f"\nwrote {path}")
     print(f"\nDAC-KL loss alone, fwd+bwd, {args.batch_size * 16} tokens, vocab 50257 (x_kl: / forward KL):")
     print(table(loss_rows, ["loss", "median_s", "x_kl"]))
-    print("\nSCRG re-generation (prefix cache re-used) vs a full generation with the same length cap, batch "
-          f"{args.batch_size} and one row at a time (per_row_*):")
-    print(table([{"max_new_tokens": g["max_new_tokens"], "keep_frac": g["mean_keep_frac"],
-                  "new_tokens_x_full": g["tokens_x_full"], "regen_cached_s": g["median_s"]["regen_cached"],
-                  "full_s": g["median_s"]["full_generation"], "cached_x_full": g["regen_cached_x_full"],
-                  "no_cache_x_full": g["regen_no_cache_x_full"], "per_row_cached_x_full": g["per_row_cached_x_full"],
-                  "per_row_no_cache_x_full": g["per_row_no_cache_x_full"]} for g in regen],
-                ["max_new_tokens", "keep_frac", "new_tokens_x_full", "regen_cached_s", "full_s", "cached_x_full",
-                 "no_cache_x_full", "per_row_cached_x_full", "per_row_no_cache_x_full"]))
+    print_regeneration(regen, args.batch_size)
     m = payload["machine"]
     print(f"\none optimiser step, {args.model} shapes on {args.device} ({args.dtype}), batch {args.batch_size}, "
           f"{m['cpu']} ({m['torch_threads']} "
