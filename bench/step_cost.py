@@ -182,10 +182,15 @@ def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: i
     times = {"regen_cached": [], "regen_cached_unragged": [], "regen_no_cache": [], "full_generation": []}
     unragged = dataclasses.replace(sampling, compact=False)
     new_tokens = {k: [] for k in times}
+    # decode work independent of the machine's load: rows summed over the student's forwards (prefill included)
+    rows_fed = {k: 0 for k in times}
+    seen = []
+    hook = student.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
     with torch.no_grad():
         for r in range(reps):
             for name in times:
                 gen = torch.Generator().manual_seed(100 + r)
+                seen.clear()
                 if name == "full_generation":
                     t0 = time.perf_counter()
                     out = generate(student, prompt_ids, prompt_mask, sampling, eos_id=eos_id, pad_id=pad_id,
@@ -193,9 +198,11 @@ def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: i
                     dt = time.perf_counter() - t0
                     new_tokens[name].append(float(out["response_mask"].sum()))
                     times[name].append(dt)
+                    rows_fed[name] = sum(seen)
                     continue
                 spliced, keep, cache, cache_valid, active = splice()  # a fresh cache each time (it is shifted)
                 kw = {"cache": cache, "cache_valid": cache_valid} if name.startswith("regen_cached") else {}
+                seen.clear()
                 t0 = time.perf_counter()
                 out = continue_generation(student, spliced, keep, unragged if name.endswith("unragged") else sampling,
                                           eos_id=eos_id, pad_id=pad_id,
@@ -203,6 +210,8 @@ def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: i
                 dt = time.perf_counter() - t0
                 new_tokens[name].append(float((out["response_mask"].sum(-1) - keep).clamp_min(0).sum()))
                 times[name].append(dt)
+                rows_fed[name] = sum(seen)
+    hook.remove()
     spliced, keep, *_ = splice()
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"median_s": med, "new_tokens": {k: statistics.mean(v) for k, v in new_tokens.items()},
@@ -210,6 +219,7 @@ def regeneration_cost(teacher, student, batch, sampling: SamplingConfig, reps: i
             "regen_cached_x_full": med["regen_cached"] / med["full_generation"],
             "regen_no_cache_x_full": med["regen_no_cache"] / med["full_generation"],
             "regen_unragged_x_full": med["regen_cached_unragged"] / med["full_generation"],
+            "rows_fed": rows_fed, "rows_fed_x_full": {k: v / rows_fed["full_generation"] for k, v in rows_fed.items()},
             "max_new_tokens": sampling.max_new_tokens, "batch": int(prompt_ids.shape[0])}
 
 
@@ -238,9 +248,12 @@ def print_regeneration(regen: list[dict], batch_size: int) -> None:
                   "new_tokens_x_full": g["tokens_x_full"], "regen_cached_s": g["median_s"]["regen_cached"],
                   "full_s": g["median_s"]["full_generation"], "cached_x_full": g["regen_cached_x_full"],
                   "unragged_x_full": g["regen_unragged_x_full"], "no_cache_x_full": g["regen_no_cache_x_full"],
-                  "per_row_cached_x_full": g["per_row_cached_x_full"]} for g in regen],
+                  "per_row_cached_x_full": g["per_row_cached_x_full"],
+                  "rows_fed_x_full": g["rows_fed_x_full"]["regen_cached"],
+                  "unragged_rows_fed_x_full": g["rows_fed_x_full"]["regen_cached_unragged"]} for g in regen],
                 ["max_new_tokens", "keep_frac", "new_tokens_x_full", "regen_cached_s", "full_s", "cached_x_full",
-                 "unragged_x_full", "no_cache_x_full", "per_row_cached_x_full"]))
+                 "unragged_x_full", "no_cache_x_full", "per_row_cached_x_full", "rows_fed_x_full",
+                 "unragged_rows_fed_x_full"]))
 
 
 def main() -> None:

@@ -8,6 +8,9 @@ Re-generation after a splice (SCRG) re-uses the KV cache of the scoring forward:
 prefix lengths, so each row's cache is shifted right until all prefixes end in the same column. Keys and
 values do not depend on their column (GPT-2 adds learned positions at the input, RoPE rotates by
 `position_ids`), so a shift plus the attention mask keeps them exact.
+
+Decoding is ragged: a row that has finished leaves the model's batch (its KV cache rows are dropped), so a row
+SCRG did not revise costs nothing and a step costs what its live rows cost, with the same tokens (`_decode`).
 """
 
 from __future__ import annotations
