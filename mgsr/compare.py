@@ -61,7 +61,8 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
-        return self.n >= 2 and math.isfinite(self.half) and (self.lo > 0 or self.hi < 0)
+        # a 0-wide interval means identical values (seeds that changed nothing), not certainty: never a claim
+        return self.n >= 2 and math.isfinite(self.half) and self.half > 0 and (self.lo > 0 or self.hi < 0)
 
 
 def t_interval(values, level: float = 0.95) -> Interval:
@@ -218,6 +219,8 @@ def _fmt_diff(iv: Interval | None) -> str:
         return "—"
     if iv.n < 2:
         return f"{iv.mean:+.2f} (1 pair)"
+    if iv.half == 0:
+        return f"{iv.mean:+.2f} (identical over {iv.n} pairs: no spread, no CI)"
     mark = " **\\***" if iv.excludes_zero else ""
     return f"{iv.mean:+.2f} [{iv.lo:+.2f}, {iv.hi:+.2f}]{mark}"
 

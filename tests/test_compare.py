@@ -37,6 +37,15 @@ def test_t_interval_excludes_zero_only_when_it_does():
     assert one.n == 1 and math.isnan(one.half) and not one.excludes_zero
 
 
+def test_identical_values_make_no_claim():
+    """Seeds that changed nothing give a 0-wide interval: that is no evidence, so no mark and no bracket."""
+    from mgsr.compare import _fmt_diff
+
+    same = paired_difference({0: 6.54, 1: 6.54, 2: 6.54}, {0: 6.41, 1: 6.41, 2: 6.41})
+    assert same.half == pytest.approx(0.0, abs=1e-12) and not same.excludes_zero
+    assert _fmt_diff(same) == "+0.13 (identical over 3 pairs: no spread, no CI)"
+
+
 def test_paired_difference_uses_common_seeds_only():
     a = {0: 3.0, 1: 5.0, 2: 4.0}
     b = {0: 1.0, 1: 2.0, 2: 2.0, 3: 9.0}  # seed 3 has no partner
