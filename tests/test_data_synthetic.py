@@ -247,3 +247,21 @@ def test_datamodule_counts_noisy_training_rows(tok):
     dm.setup("fit")
     assert 30 < dm.stats["train"]["noisy_response_kept"] < 80
     assert len(dm.datasets["train"]) == 200  # counted, not dropped
+
+
+def _first_batches(dm, n=3):
+    it = iter(dm.train_dataloader())
+    return [next(it)["input_ids"].tolist() for _ in range(n)]
+
+
+def test_shuffle_seed_sets_the_training_order_and_only_it(tok):
+    """data.shuffle_seed (e.g. ${seed}) changes the order of the same training rows; null keeps data.seed's."""
+    kw = dict(n_train=64, n_val=8, n_test=8, batch_size=8)
+    base = DistillDataModule(tok, seed=3, **kw)
+    same = DistillDataModule(tok, seed=3, shuffle_seed=3, **kw)
+    other = DistillDataModule(tok, seed=3, shuffle_seed=4, **kw)
+    for dm in (base, same, other):
+        dm.setup("fit")
+    assert base.records["train"] == other.records["train"]  # the same split ...
+    assert _first_batches(base) == _first_batches(same)
+    assert _first_batches(base) != _first_batches(other)    # ... in another order

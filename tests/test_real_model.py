@@ -8,7 +8,6 @@ Skipped where the package is missing, except under CI (MGSR_REQUIRE_REAL_MODEL=1
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest

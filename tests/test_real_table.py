@@ -22,6 +22,7 @@ def test_every_row_is_a_valid_real_smollm2_run(method):
     validate(cfg)
     assert cfg.data.source == "jsonl" and cfg.model.student.init == "prune"  # the real pair on Dolly, every row
     assert cfg.data.max_eval_records >= 200 and list(cfg.eval.seeds) == [10, 20, 30, 40, 50]
+    assert cfg.data.shuffle_seed == 1  # the training seed sets the data order (the pruned start does not vary)
     trained = {"sft": (1.0, 0.0, False), "kd": (0.5, 0.5, False), "mgsr": (1.0, 1.0, True)}
     if method in trained:
         assert (cfg.loss.sft_weight, cfg.loss.distill_weight, bool(cfg.scrg.enabled)) == trained[method]

@@ -71,7 +71,8 @@ def ensure_student_init(cfg: DictConfig, tokenizer) -> Path:
     return fine_tune_cached(
         student_init_path(cfg, tokenizer),
         lambda: build_from_config(to_container(cfg.model.student.arch), tokenizer, seed=int(init.seed)),
-        tokenizer, build_datamodule(cfg, tokenizer, batch_size=int(init.batch_size)), max_steps=int(init.max_steps),
+        tokenizer, build_datamodule(cfg, tokenizer, batch_size=int(init.batch_size), shuffle_seed=None),  # see data
+        max_steps=int(init.max_steps),
         lr=float(init.lr), seed=int(init.seed), accelerator=cfg.trainer.accelerator, what="student init",
         progress=bool(cfg.trainer.get("enable_progress_bar", True)))
 

@@ -73,7 +73,7 @@ def ensure_teacher(cfg: DictConfig, tokenizer, dm: DistillDataModule):
         build = lambda: _pretrained_teacher(cfg, tokenizer, "float32")  # noqa: E731 - trained in float32
     else:
         build = lambda: build_from_config(to_container(spec.arch), tokenizer, seed=sft["seed"])  # noqa: E731
-    overrides = {"batch_size": sft["batch_size"]}
+    overrides = {"batch_size": sft["batch_size"], "shuffle_seed": None}  # the cache key holds no order
     if cfg.data.source != "jsonl":  # the teacher's own corpus: longer, and as clean as teacher_sft says
         overrides |= {"n_train": teacher_corpus_size(cfg) or cfg.data.n_train,
                       "label_noise": float(sft.get("label_noise") or 0.0)}

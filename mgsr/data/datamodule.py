@@ -220,6 +220,7 @@ class DistillDataModule(lightning.LightningDataModule):
         max_eval_records: int | None = None,
         label_noise: float = 0.0,
         prompt_format: str = "alpaca",
+        shuffle_seed: int | None = None,
     ):
         super().__init__()
         if source not in ("synthetic", "jsonl"):
@@ -228,6 +229,9 @@ class DistillDataModule(lightning.LightningDataModule):
         self.source, self.path = source, path
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.seed, self.n = seed, {"train": n_train, "val": n_val, "test": n_test}
+        # the training loader's order; None: `seed` (the data seed). The SFT stages always pass None: their cache
+        # keys do not hold the order.
+        self.shuffle_seed = seed if shuffle_seed is None else int(shuffle_seed)
         self.label_noise = float(label_noise or 0.0)
         if self.label_noise and source != "synthetic":
             raise ValueError("data.label_noise applies to the synthetic task only; set it to 0 for JSONL data")
@@ -298,7 +302,8 @@ class DistillDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         self.setup("fit")
-        loader = ResumableDataLoader(self.datasets["train"], batch_size=self.batch_size, seed=self.seed, shuffle=True,
+        loader = ResumableDataLoader(self.datasets["train"], batch_size=self.batch_size, seed=self.shuffle_seed,
+                                     shuffle=True,
                                      collate_fn=self.collator, num_workers=self.num_workers,
                                      position_fn=self._trainer_position)
         return loader
