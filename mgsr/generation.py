@@ -139,11 +139,14 @@ def _decode(model, logits, cache, history, attn, pos, budget, cfg, eos_id, pad_i
     for step in range(int(budget.max().item()) if bsz else 0):
         tok = _next_token(logits, history, rows, bsz, cfg, procs, generator)
         tok, live, finished = _record(tok, finished, budget, step, eos_id, pad_id, out, valid)
-        if bool(finished.all()):
+        done = finished[rows] if len(rows) < bsz else finished  # rows outside the batch finished already
+        n_done = int(done.sum())  # the one host sync of a step: it answers "all finished" and "compact now"
+        if n_done == len(rows):
             break
-        tok, live = tok[rows], live[rows]
-        if compact and int(finished[rows].sum()) >= max(1, COMPACT_SHARE * len(rows)):
-            keep = (~finished[rows]).nonzero().squeeze(1)
+        if len(rows) < bsz:
+            tok, live = tok[rows], live[rows]
+        if compact and n_done >= max(1, COMPACT_SHARE * len(rows)):
+            keep = (~done).nonzero().squeeze(1)
             rows, tok, live, history, attn, pos = (x[keep] for x in (rows, tok, live, history, attn, pos))
             cache.batch_select_indices(keep)
         history, attn = torch.cat([history, tok[:, None]], dim=1), torch.cat([attn, live.long()[:, None]], dim=1)

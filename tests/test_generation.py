@@ -155,8 +155,7 @@ def test_decoding_emits_no_cache_deprecation_warning(family, caplog):
 def _batch_sizes(model):
     """Record the batch size of every forward the model runs (prefill and decode steps)."""
     sizes = []
-    handle = model.register_forward_pre_hook(lambda m, a, kw: sizes.append((kw.get("input_ids") if "input_ids" in kw
-                                                                             else a[0]).shape[0]), with_kwargs=True)
+    handle = model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
     return sizes, handle
 
 
