@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mgsr.losses.dac_kl import BANDS, REMAINDERS, FixedQuantileHead, QuantileHead, dac_kl_loss
+from mgsr.losses.dac_kl import (
+    BANDS,
+    REMAINDERS,
+    FixedQuantileHead,
+    QuantileHead,
+    dac_kl_loss,
+    shared_teacher_rows,
+)
 from mgsr.losses.divergences import check_divergence, divergence_loss, forward_kl, token_mean
 from mgsr.losses.minillm import lm_loss, minillm_loss
 from mgsr.losses.span import RELATIONS, span_correlation_loss
@@ -63,8 +70,15 @@ class DacKl(nn.Module):
                 raise ValueError("loss.distill: lower_range must lie below upper_range (lower quantile < upper)")
 
     def forward(self, teacher_logits, student_logits, mask):
-        lower, upper = self.head(teacher_logits.detach())
-        out = dac_kl_loss(teacher_logits, student_logits, mask, lower, upper, **self.kw)
+        teacher = None
+        if isinstance(self.head, QuantileHead) and self.head.shares_log_probs_with(teacher_logits, student_logits):
+            # one teacher log-softmax (and top-k) on the masked tokens for f_sub's features and the loss
+            teacher = shared_teacher_rows(teacher_logits, student_logits, mask, **self.kw)
+            top = None if teacher.top is None else teacher.top[0]
+            lower, upper = self.head.from_rows(teacher.log_probs, mask, top)
+        else:
+            lower, upper = self.head(teacher_logits.detach())
+        out = dac_kl_loss(teacher_logits, student_logits, mask, lower, upper, teacher=teacher, **self.kw)
         logs = {"kl": out.kl, "coverage": out.coverage, "kept": out.kept, "lower_mean": out.lower_mean,
                 "lower_std": out.lower_std, "upper_mean": out.upper_mean, "upper_std": out.upper_std}
         return out.loss, {k: float(v.detach()) for k, v in logs.items()}

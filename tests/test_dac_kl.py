@@ -421,3 +421,49 @@ def test_quantile_head_features_are_teacher_shape_and_detached() -> None:
 def test_quantile_head_validates_ranges() -> None:
     with pytest.raises(ValueError, match="quantile head ranges"):
         QuantileHead(lower_range=(0.0, 0.8), upper_range=(0.7, 1.0))
+
+
+def _unshared_module_step(module, t, s, mask):
+    """DacKl's loss and gradients computed the pre-sharing way: the head on every token's own log-softmax."""
+    lower, upper = module.head(t.detach())
+    return dac_kl_loss(t, s, mask, lower, upper, **module.kw).loss
+
+
+@pytest.mark.parametrize("vocab", [50, 9000])  # full-sort path; soft top-k path (V >= SOFT_TOPK_MIN_VOCAB)
+def test_module_shares_the_teacher_rows_without_changing_the_loss(vocab: int) -> None:
+    """DacKl computes the teacher's log-softmax (and, at large V, its top-k) once, on the masked tokens only,
+    for f_sub's features and the loss: loss, student gradient and head gradients equal the unshared path."""
+    from mgsr.objectives import DacKl
+
+    torch.manual_seed(0)
+    module = DacKl(head="learnable", top_k=8, hidden=16)
+    t = _logits(40, 3.0, shape=(2, 6, vocab))
+    s0 = _logits(41, 3.0, shape=(2, 6, vocab))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)  # prompt tokens left out
+    results = []
+    for step in (lambda s: module(t, s, mask)[0], lambda s: _unshared_module_step(module, t, s, mask)):
+        module.zero_grad()
+        s = s0.clone().requires_grad_()
+        loss = step(s)
+        loss.backward()
+        results.append((loss.detach(), s.grad.clone(), [p.grad.clone() for p in module.head.parameters()]))
+    (l1, g1, h1), (l2, g2, h2) = results
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)  # same kernels on the same rows: bit-identical
+    assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(h1, h2))
+    from mgsr.losses.dac_kl import shared_teacher_rows
+
+    assert (shared_teacher_rows(t, s0, mask, **module.kw).top is not None) == (vocab >= 8192)
+
+
+def test_head_from_masked_rows_matches_forward_on_those_rows() -> None:
+    from mgsr.losses.dac_kl_reference import teacher_rows
+
+    torch.manual_seed(0)
+    head = QuantileHead(top_k=4, hidden=8)
+    t = _logits(42, 3.0, shape=(2, 5, 40))
+    mask = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    rows = teacher_rows(t, mask, torch.float32)
+    lo, up = head.from_rows(rows.log_probs, mask)
+    lo_all, up_all = head(t)
+    assert torch.equal(lo[mask], lo_all[mask]) and torch.equal(up[mask], up_all[mask])
+    assert not torch.equal(lo[~mask], lo_all[~mask])  # the other tokens were not computed

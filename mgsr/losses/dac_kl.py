@@ -30,16 +30,18 @@ from mgsr.losses.dac_kl_reference import (
     DEFAULT_KAPPA,
     REMAINDERS,
     DacKlOutput,
+    TeacherRows,
     check_options,
     masked_token_loss,
     reference_row_terms,
+    teacher_rows,
 )
-from mgsr.losses.divergences import to_log_probs
+from mgsr.losses.divergences import compute_dtype, to_log_probs
 from mgsr.losses.quantile_head import FixedQuantileHead, QuantileHead
 
 __all__ = [
     "BANDS", "REMAINDERS", "TOPK_CAP", "TOPK_MIN_ROW_SHARE", "DacKlOutput", "FixedQuantileHead", "QuantileHead",
-    "dac_kl_loss",
+    "TeacherRows", "dac_kl_loss", "shared_teacher_rows",
 ]
 
 # Classes sorted exactly by the hard-mask top-k path; the rest only enter through their summed mass.
@@ -64,14 +66,38 @@ SOFT_TAIL_TOL = 1e-2
 SOFT_TOPK_MIN_VOCAB = 8192
 
 
-def _mass_merge_rows(t, s, lower, upper, dtype, *, kappa, hard, target_class):
-    """Per-row (kl, coverage, kept) for teacher/student logits rows [n, V] (band=mass, remainder=merge).
+def soft_topk_applies(vocab: int, hard: bool) -> bool:
+    """Whether the soft mask's top-k path is tried at this vocabulary size (see SOFT_TOPK_MIN_VOCAB)."""
+    return not hard and vocab >= SOFT_TOPK_MIN_VOCAB and vocab > SOFT_TOPK_CAP + 1
+
+
+def soft_top(teacher: TeacherRows):
+    """The teacher rows' stable top-`SOFT_TOPK_CAP`, computed once (the learnable head's features read it too)."""
+    if teacher.top is None:
+        teacher.top = fast.stable_topk(teacher.log_probs, SOFT_TOPK_CAP)
+    return teacher.top
+
+
+def shared_teacher_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor, *,
+                        band: str = "mass", remainder: str = "merge", hard: bool = False, **_) -> TeacherRows:
+    """The masked teacher rows for `dac_kl_loss(..., teacher=)` and `QuantileHead.from_rows`: one log-softmax of
+    the teacher, and the soft top-k path's top classes computed up front where that path will be tried."""
+    teacher = teacher_rows(teacher_logits, mask, compute_dtype(teacher_logits, student_logits))
+    n, vocab = teacher.logits.shape
+    if n and band == "mass" and remainder == "merge" and soft_topk_applies(vocab, hard):
+        soft_top(teacher)
+    return teacher
+
+
+def _mass_merge_rows(teacher: TeacherRows, s, lower, upper, dtype, *, kappa, hard, target_class):
+    """Per-row (kl, coverage, kept) for the teacher rows and student logits rows [n, V] (band=mass,
+    remainder=merge).
 
     Routing: hard mask -> top-k path where exact; the rest -> full-sort path; tokens either flags -> the
     reference formulation.
     """
+    t, lp = teacher.logits, teacher.log_probs
     n, V = t.shape
-    lp = to_log_probs(t, dtype)
     out = [torch.zeros(n, dtype=dtype, device=t.device) for _ in range(3)]
     todo = torch.ones(n, dtype=torch.bool, device=t.device)
 
@@ -99,8 +125,8 @@ def _mass_merge_rows(t, s, lower, upper, dtype, *, kappa, hard, target_class):
             todo = ~ok | run(ok, lambda rows: fast.TopkHardMassMerge.apply(
                 *rows_of(rows, s, lp, head_lp, head_idx, lower, upper), target_class))
             lp = None
-    if not hard and V >= SOFT_TOPK_MIN_VOCAB and V > SOFT_TOPK_CAP + 1:
-        head_lp, head_idx, clean = fast.stable_topk(lp, SOFT_TOPK_CAP)
+    if soft_topk_applies(V, hard):
+        head_lp, head_idx, clean = soft_top(teacher)
         c_k = head_lp.exp().cumsum(-1)[:, -1]
         ok = clean & (c_k >= upper.detach().to(dtype)) & (kappa * (c_k - lower.detach().to(dtype)) >= SOFT_TAIL_MIN_A)
         if int(ok.sum()) >= TOPK_MIN_ROW_SHARE * n:  # see TOPK_MIN_ROW_SHARE
@@ -118,8 +144,10 @@ def _mass_merge_rows(t, s, lower, upper, dtype, *, kappa, hard, target_class):
         lp = None
     if bool(todo.any()):
         def reference(rows):
+            (t_r,) = rows_of(rows, t)
             terms = reference_row_terms(band="mass", remainder="merge", kappa=kappa, hard=hard,
-                                        target_class=target_class)(*rows_of(rows, t, s, lower, upper), dtype)
+                                        target_class=target_class)(
+                TeacherRows(t_r, to_log_probs(t_r, dtype)), *rows_of(rows, s, lower, upper), dtype)
             return (*terms, torch.zeros_like(terms[2], dtype=torch.bool))
 
         run(todo, reference)
@@ -139,6 +167,7 @@ def dac_kl_loss(
     target_class: bool = True,
     beta: float = 1.0,
     hard: bool = False,
+    teacher: TeacherRows | None = None,
 ) -> DacKlOutput:
     """DAC-KL loss (formulas: dac_kl_reference.py; fast path: the module docstring).
 
@@ -150,6 +179,8 @@ def dac_kl_loss(
     remainder: "merge" (clipped classes form one entry, [ours]) | "drop" (renormalise the kept entries;
         with band="off" only the target is kept, so drop gives KL = 0 by construction).
     beta: weight of the coverage term, which depends only on the teacher and m, so it moves only l/u.
+    teacher: `shared_teacher_rows(teacher_logits, student_logits, mask, ...)` when the caller (the learnable
+        head) has read the teacher's log-probs already; the loss may overwrite them.
     Reduction: mean over masked tokens; an empty mask gives loss 0. Masked-out tokens are never computed.
     """
     check_options(band, remainder, target_class)
@@ -158,4 +189,5 @@ def dac_kl_loss(
     else:
         terms = reference_row_terms(band=band, remainder=remainder, kappa=kappa, hard=hard,
                                     target_class=target_class)
-    return masked_token_loss(teacher_logits, student_logits, mask, lower, upper, beta=beta, row_terms=terms)
+    return masked_token_loss(teacher_logits, student_logits, mask, lower, upper, beta=beta, row_terms=terms,
+                             teacher=teacher)

@@ -42,9 +42,34 @@ LOGPROB_FLOOR = -1e30
 # Soft-mask sharpness when the caller gives none (METHOD.md 3: kappa -> inf is the hard mask).
 DEFAULT_KAPPA = 50.0
 
-# (kl, coverage, kept) per row [n] from (teacher rows, student rows, lower, upper) [n, V] / [n] and the
+
+
+@dataclass
+class TeacherRows:
+    """The teacher on the masked tokens, computed once and shared by the quantile head and the loss.
+
+    logits [n, V] (detached) and log_probs [n, V] (compute dtype) in the order of mask.reshape(-1).nonzero();
+    top: `stable_topk(log_probs, k)` of dac_kl_fast.py ((values, indices, clean), [n, k]) when computed, else None.
+    The loss's fast path overwrites log_probs in place (it saves a V-wide buffer): read it before the loss.
+    """
+
+    logits: torch.Tensor
+    log_probs: torch.Tensor
+    top: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def teacher_rows(teacher_logits: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> TeacherRows:
+    """[B, T, V] teacher logits and a [B, T] mask -> the masked rows and their log-probs in `dtype`."""
+    flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    keep = mask.bool().reshape(-1)
+    if not bool(keep.all()):
+        flat = flat.index_select(0, keep.nonzero().squeeze(-1))
+    return TeacherRows(flat, to_log_probs(flat, dtype))
+
+
+# (kl, coverage, kept) per row [n] from (teacher rows, student rows [n, V], lower, upper [n]) and the
 # compute dtype.
-RowTerms = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype],
+RowTerms = Callable[[TeacherRows, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype],
                     tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -178,9 +203,11 @@ def _masked_std(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor) -> torc
 def masked_token_loss(
     teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor,
     lower: torch.Tensor | float, upper: torch.Tensor | float, *, beta: float, row_terms: RowTerms,
+    teacher: TeacherRows | None = None,
 ) -> DacKlOutput:
     """The DAC-KL loss from per-row terms, computed on the masked tokens only (rows [n, V] of the
-    flattened batch): mean KL + beta * mean (1 - coverage), and the logged statistics. Empty mask: loss 0."""
+    flattened batch): mean KL + beta * mean (1 - coverage), and the logged statistics. Empty mask: loss 0.
+    teacher: `teacher_rows(teacher_logits, mask, dtype)` when the caller has computed it already."""
     dtype = compute_dtype(teacher_logits, student_logits)
     shape, vocab = teacher_logits.shape[:-1], teacher_logits.shape[-1]
     lower_t = _per_token(lower, shape, dtype, teacher_logits.device)
@@ -189,14 +216,16 @@ def masked_token_loss(
 
     rows = mask.reshape(-1).nonzero().squeeze(-1)
     n = rows.numel()
-    t_rows, s_rows = teacher_logits.detach().reshape(-1, vocab), student_logits.reshape(-1, vocab)
+    s_rows = student_logits.reshape(-1, vocab)
     lo_rows, up_rows = lower_t.reshape(-1), upper_t.reshape(-1)
     if n < mask.numel():
-        t_rows, s_rows, lo_rows, up_rows = (x.index_select(0, rows) for x in (t_rows, s_rows, lo_rows, up_rows))
+        s_rows, lo_rows, up_rows = (x.index_select(0, rows) for x in (s_rows, lo_rows, up_rows))
     if n == 0:
         kl = coverage = kept = s_rows.sum(-1).to(dtype)  # empty, but attached to the graph
     else:
-        kl, coverage, kept = row_terms(t_rows, s_rows, lo_rows, up_rows, dtype)
+        if teacher is None:
+            teacher = teacher_rows(teacher_logits, mask, dtype)
+        kl, coverage, kept = row_terms(teacher, s_rows, lo_rows, up_rows, dtype)
     denom = max(n, 1)
     kl_mean = kl.sum() / denom
     uncovered = (1.0 - coverage).sum() / denom
@@ -220,10 +249,10 @@ def masked_token_loss(
 def reference_row_terms(
     *, band: str, remainder: str, kappa: float, hard: bool, target_class: bool
 ) -> RowTerms:
-    """`reference_terms` on logits rows (log-softmax in the compute dtype), as a `RowTerms`."""
+    """`reference_terms` on the teacher rows' log-probs and the student rows' log-softmax, as a `RowTerms`."""
 
-    def terms(t_rows, s_rows, lo_rows, up_rows, dtype):
-        lp, lq = to_log_probs(t_rows, dtype), to_log_probs(s_rows, dtype)
+    def terms(teacher, s_rows, lo_rows, up_rows, dtype):
+        lp, lq = teacher.log_probs, to_log_probs(s_rows, dtype)
         return reference_terms(lp, lq, lo_rows, up_rows, band=band, remainder=remainder, kappa=kappa, hard=hard,
                                target_class=target_class)
 

@@ -51,19 +51,42 @@ class QuantileHead(nn.Module):
 
     def features(self, teacher_logits: torch.Tensor) -> torch.Tensor:
         """[B, T, V] -> [B, T, top_k + 1]: sorted top-k teacher probabilities and the entropy."""
-        dtype = self.net[0].weight.dtype
-        lp = to_log_probs(teacher_logits.detach(), compute_dtype(teacher_logits, self.net[0].weight))
+        return self.features_from_log_probs(
+            to_log_probs(teacher_logits.detach(), compute_dtype(teacher_logits, self.net[0].weight)))
+
+    def features_from_log_probs(self, lp: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., V] teacher log-probs -> [..., top_k + 1]. top: the teacher's top log-probs in descending order
+        ([..., >= top_k]) when the caller has them (the loss's top-k path), which saves a V-wide top-k."""
         p = lp.exp()
         k = min(self.top_k, p.shape[-1])
-        top = p.topk(k, dim=-1).values
+        top = p.topk(k, dim=-1).values if top is None or top.shape[-1] < k else top[..., :k].exp()
         top = F.pad(top, (0, self.top_k - k))
         entropy = -torch.special.xlogy(p, p).sum(-1, keepdim=True)  # 0 log 0 = 0; two V-wide passes
-        return torch.cat([top, entropy], dim=-1).to(dtype)
+        return torch.cat([top, entropy], dim=-1).to(self.net[0].weight.dtype)
 
-    def forward(self, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gates = torch.sigmoid(self.net(self.features(teacher_logits)))
+    def shares_log_probs_with(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> bool:
+        """Whether the loss's teacher log-probs are in this head's compute dtype (then `from_rows` can read them)."""
+        return compute_dtype(teacher_logits, self.net[0].weight) == compute_dtype(teacher_logits, student_logits)
+
+    def from_rows(self, lp_rows: torch.Tensor, mask: torch.Tensor, top: torch.Tensor | None = None):
+        """(lower, upper) [B, T] from the teacher log-probs of the masked tokens only ([n, V], mask [B, T]).
+
+        The features of the other tokens are left at 0 (their quantiles are never read): the net still runs on
+        all B x T rows, so the masked tokens' quantiles are bit-identical to `forward`'s.
+        """
+        feats = self.features_from_log_probs(lp_rows, top)
+        full = feats.new_zeros(*mask.shape, feats.shape[-1])
+        full[mask.bool()] = feats
+        return self.quantiles(full)
+
+    def quantiles(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., top_k + 1] features -> (lower, upper) [...]."""
+        gates = torch.sigmoid(self.net(features))
         (lo0, lo1), (up0, up1) = self.lower_range, self.upper_range
         return lo0 + (lo1 - lo0) * gates[..., 0], up0 + (up1 - up0) * gates[..., 1]
+
+    def forward(self, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.quantiles(self.features(teacher_logits))
 
 
 class FixedQuantileHead(nn.Module):
