@@ -4,6 +4,7 @@ head's path, and the module with f_sub), the span loss and the plain forward KL,
     python bench/loss_scaling.py                      # vocab sweep 8k..152k, length sweep at 50k, + "before"
     python bench/loss_scaling.py --quick              # small grid, a minute or two
     python bench/loss_scaling.py --before-rev none    # skip the pre-optimisation DAC-KL
+    python bench/loss_scaling.py --reuse-memory       # freed memory reused, as on a GPU: no page-fault share
 
 Inputs: LM-like teacher logits (a Zipf-shaped spread plus noise, so a few hundred classes hold most of the mass,
 as in a trained model's next-token distributions) and a student = teacher + noise; `--teacher flat` draws
@@ -15,8 +16,10 @@ Ratios are to the forward KL of the same inputs, measured round-robin in one pro
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,24 +41,32 @@ from mgsr.losses.dac_kl import TOPK_CAP
 from mgsr.objectives import DacKl
 
 BEFORE_REV = "4709318"  # last revision with the plain-autograd DAC-KL
+# --reuse-memory: large buffers from the heap (not a fresh mmap each) and freed memory never returned to the OS
+REUSE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 
 def load_before(rev: str):
-    """dac_kl_loss from an older git revision of mgsr/losses/dac_kl.py, or None."""
+    """dac_kl_loss of git revision `rev`, or None. Its whole mgsr/losses package is loaded, renamed to
+    mgsr_before.losses, so a revision whose dac_kl.py imports sibling modules gets its own, not today's."""
     if rev in ("", "none"):
         return None
+    root = Path(tempfile.mkdtemp()) / "mgsr_before"
     try:
-        src = subprocess.run(["git", "show", f"{rev}:mgsr/losses/dac_kl.py"], cwd=REPO, capture_output=True,
-                             text=True, check=True, timeout=30).stdout
+        names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:mgsr/losses"], cwd=REPO,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.split()
+        (root / "losses").mkdir(parents=True)
+        (root / "__init__.py").write_text("")
+        for name in (n for n in names if n.endswith(".py")):
+            src = subprocess.run(["git", "show", f"{rev}:mgsr/losses/{name}"], cwd=REPO, capture_output=True,
+                                 text=True, check=True, timeout=30).stdout
+            (root / "losses" / name).write_text(src.replace("mgsr.losses", "mgsr_before.losses"))
     except (OSError, subprocess.SubprocessError):
         print(f"(no git revision {rev}: skipping the 'before' rows)")
         return None
-    path = Path(tempfile.mkdtemp()) / "dac_kl_before.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("dac_kl_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.dac_kl_loss
+    sys.path.insert(0, str(root.parent))
+    for name in [m for m in sys.modules if m == "mgsr_before" or m.startswith("mgsr_before.")]:
+        del sys.modules[name]
+    return importlib.import_module("mgsr_before.losses.dac_kl").dac_kl_loss
 
 
 def make_logits(n: int, vocab: int, kind: str, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +146,15 @@ def main() -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--quick", action="store_true", help="vocab 8k/50k, 64 tokens, 2 repeats")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "loss_scaling.json"))
+    p.add_argument("--reuse-memory", action="store_true",
+                   help="re-run under glibc malloc settings that keep freed memory for reuse (no mmap per large "
+                        "buffer, no trim), as a caching allocator does on a GPU: ratios then count arithmetic "
+                        "and memory traffic only, not the page faults of fresh V-wide buffers")
     add_threads_arg(p)
     args = p.parse_args()
+    if args.reuse_memory and os.environ.get("MALLOC_MMAP_THRESHOLD_") != REUSE_MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"]:
+        # glibc reads these at process start only
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **REUSE_MEMORY_ENV})
     set_threads(args.threads)
     if args.quick:
         args.vocab, args.tokens, args.seq, args.repeats = [8192, 50257], 64, [64], 2
@@ -162,13 +180,16 @@ def main() -> None:
     if "dac_soft_before" in fns:
         shares["dac_soft_before"] = op_shares(fns["dac_soft_before"], GROUPS)
 
-    payload = {"machine": machine(), "args": vars(args), "rows": rows, "op_shares": shares}
+    payload = {"machine": machine(), "args": vars(args), "rows": rows, "op_shares": shares,
+               "malloc_env": {k: os.environ.get(k) for k in REUSE_MEMORY_ENV}}
     path = write_json(args.out, payload)
     share_rows = [{"loss": k, **{g: f"{v:.0%}" for g, v in sh.items()}} for k, sh in shares.items()]
     print(f"\nwrote {path}\n")
     print(f"where the time goes (fwd+bwd, {args.tokens} tokens, vocab {args.seq_vocab}, lm teacher):")
     print(table(share_rows, ["loss", *GROUPS, "other"]))
-    print(f"\nloss cost, forward + backward, {payload['machine']['cpu']} ({device}); x_kl = time / forward KL's")
+    memory = "freed memory reused (--reuse-memory)" if args.reuse_memory else "default allocator"
+    print(f"\nloss cost, forward + backward, {payload['machine']['cpu']} ({device}, {memory}); "
+          "x_kl = time / forward KL's")
     print(table(rows, ["loss", "vocab", "tokens", "teacher", "median_s", "x_kl", "peak_mb", "top256_mass"]))
 
 
