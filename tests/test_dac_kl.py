@@ -467,3 +467,13 @@ def test_head_from_masked_rows_matches_forward_on_those_rows() -> None:
     lo_all, up_all = head(t)
     assert torch.equal(lo[mask], lo_all[mask]) and torch.equal(up[mask], up_all[mask])
     assert not torch.equal(lo[~mask], lo_all[~mask])  # the other tokens were not computed
+
+
+@pytest.mark.parametrize("vocab", [50, 9000])
+def test_module_with_an_empty_mask_gives_zero_and_a_graph(vocab: int) -> None:
+    from mgsr.objectives import DacKl
+
+    t, s = _logits(43, shape=(2, 3, vocab)), _logits(44, shape=(2, 3, vocab)).requires_grad_()
+    loss, logs = DacKl()(t, s, torch.zeros(2, 3, dtype=torch.bool))
+    loss.backward()
+    assert float(loss) == 0.0 and logs["kl"] == 0.0 and s.grad is not None and not s.grad.any()
