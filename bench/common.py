@@ -32,6 +32,25 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
+# --reuse-memory: large buffers from the heap (not a fresh mmap each) and freed memory never returned to the OS, as a
+# caching allocator does on a GPU; glibc reads these at process start only, hence the re-exec
+REUSE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
+def add_reuse_memory_arg(parser) -> None:
+    parser.add_argument("--reuse-memory", action="store_true",
+                        help="re-run under glibc malloc settings that keep freed memory for reuse (no mmap per large "
+                             "buffer, no trim), as a caching allocator does on a GPU: ratios then count arithmetic "
+                             "and memory traffic only, not the page faults of fresh V-wide buffers")
+
+
+def reuse_memory(args) -> dict:
+    """Re-exec this script under REUSE_MEMORY_ENV when --reuse-memory asks for it; the malloc settings in effect."""
+    if args.reuse_memory and any(os.environ.get(k) != v for k, v in REUSE_MEMORY_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **REUSE_MEMORY_ENV})
+    return {k: os.environ.get(k) for k in REUSE_MEMORY_ENV}
+
+
 def machine() -> dict:
     """What the figures were measured on."""
     cpu = platform.processor() or ""

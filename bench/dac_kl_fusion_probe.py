@@ -15,12 +15,20 @@ teacher's top-k) bounds what a fused DAC-KL could cost here.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
-from common import add_threads_arg, interleaved_medians, machine, set_threads, table, write_json
-from loss_scaling import REPO, REUSE_MEMORY_ENV, make_logits
+from common import (
+    REPO,
+    add_reuse_memory_arg,
+    add_threads_arg,
+    interleaved_medians,
+    machine,
+    reuse_memory,
+    set_threads,
+    table,
+    write_json,
+)
+from loss_scaling import make_logits
 
 from mgsr.losses import divergence_loss
 from mgsr.losses.dac_kl import SOFT_BUCKET_WIDTH, SOFT_BUCKETS, SOFT_TOPK_CAP
@@ -65,12 +73,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--reuse-memory", action="store_true", help="as in bench/loss_scaling.py")
+    add_reuse_memory_arg(ap)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dac_kl_fusion_probe.json"))
     add_threads_arg(ap)
     args = ap.parse_args()
-    if args.reuse_memory and os.environ.get("MALLOC_MMAP_THRESHOLD_") != REUSE_MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"]:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **REUSE_MEMORY_ENV})
+    malloc_env = reuse_memory(args)
     set_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t, s = make_logits(args.tokens, args.vocab, "lm", device)
@@ -108,7 +115,7 @@ def main() -> None:
     rows.append({"part": "sum: log-softmax + top-k + the three fused phases", "median_s": floor, "x_kl": floor / base,
                  "fused_rel_error": None})
     payload = {"machine": machine(), "args": vars(args), "rows": rows,
-               "malloc_env": {k: os.environ.get(k) for k in REUSE_MEMORY_ENV}}
+               "malloc_env": malloc_env}
     path = write_json(args.out, payload)
     memory = "freed memory reused" if args.reuse_memory else "default allocator"
     print(f"\nwrote {path}\n\nDAC-KL soft tail, {args.tokens} tokens x {args.vocab} classes, {device} ({memory}); "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,11 +25,13 @@ from pathlib import Path
 import torch
 from common import (
     REPO,
+    add_reuse_memory_arg,
     add_threads_arg,
     interleaved_medians,
     machine,
     op_shares,
     peak_bytes,
+    reuse_memory,
     set_threads,
     table,
     write_json,
@@ -41,8 +42,6 @@ from mgsr.losses.dac_kl import TOPK_CAP
 from mgsr.objectives import DacKl
 
 BEFORE_REV = "4709318"  # last revision with the plain-autograd DAC-KL
-# --reuse-memory: large buffers from the heap (not a fresh mmap each) and freed memory never returned to the OS
-REUSE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
 
 def load_before(rev: str):
@@ -146,15 +145,10 @@ def main() -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--quick", action="store_true", help="vocab 8k/50k, 64 tokens, 2 repeats")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "loss_scaling.json"))
-    p.add_argument("--reuse-memory", action="store_true",
-                   help="re-run under glibc malloc settings that keep freed memory for reuse (no mmap per large "
-                        "buffer, no trim), as a caching allocator does on a GPU: ratios then count arithmetic "
-                        "and memory traffic only, not the page faults of fresh V-wide buffers")
+    add_reuse_memory_arg(p)
     add_threads_arg(p)
     args = p.parse_args()
-    if args.reuse_memory and os.environ.get("MALLOC_MMAP_THRESHOLD_") != REUSE_MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"]:
-        # glibc reads these at process start only
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **REUSE_MEMORY_ENV})
+    malloc_env = reuse_memory(args)
     set_threads(args.threads)
     if args.quick:
         args.vocab, args.tokens, args.seq, args.repeats = [8192, 50257], 64, [64], 2
@@ -181,7 +175,7 @@ def main() -> None:
         shares["dac_soft_before"] = op_shares(fns["dac_soft_before"], GROUPS)
 
     payload = {"machine": machine(), "args": vars(args), "rows": rows, "op_shares": shares,
-               "malloc_env": {k: os.environ.get(k) for k in REUSE_MEMORY_ENV}}
+               "malloc_env": malloc_env}
     path = write_json(args.out, payload)
     share_rows = [{"loss": k, **{g: f"{v:.0%}" for g, v in sh.items()}} for k, sh in shares.items()]
     print(f"\nwrote {path}\n")

@@ -16,6 +16,8 @@ to the custom autograd Functions of dac_kl_fast.py (hand-written backward passes
   guarded 0 log 0), so values and gradients match it wherever the fast path is not exact.
 The other bands / remainders use the reference formulation directly.
 The quantile heads (`QuantileHead`, `FixedQuantileHead`) are in quantile_head.py, re-exported here.
+`shared_teacher_rows` computes the teacher's log-softmax (and the soft path's top-k) on the masked tokens once,
+for the learnable head's features and the loss (`dac_kl_loss(..., teacher=)`; `DacKl` in objectives.py wires it).
 """
 
 from __future__ import annotations
