@@ -14,6 +14,12 @@ during one (separate, profiled) step, above what was live before it. Ratios are 
 Models are randomly initialised (the cost does not depend on training; a random student rarely emits EOS, so
 rollouts run to the length cap: the worst case for generation).
 
+At the testbed's own start instead (`--init testbed`): the fine-tuned teacher and the SFT start every method
+of `compare.py` trains from (seed 0; built into `--cache-dir` if missing, ~3 min), timed on the training set's
+first batches in order. A trained student stops at EOS, so this is the cost the quality cells paid:
+
+    python bench/step_cost.py --init testbed --grid --cache-dir C      # C: the compare run's cache_dir
+
 On a GPU, at a model preset's shapes (random init, the tiny offline tokenizer: its vocabulary, not 50257):
 
     python bench/step_cost.py --device cuda --model gpt2_xl_to_gpt2 --random-init --dtype bfloat16 --steps 4 \
@@ -33,7 +39,16 @@ import warnings
 
 import lightning as L
 import torch
-from common import REPO, add_threads_arg, machine, set_threads, table, write_json
+from common import (
+    REPO,
+    add_reuse_memory_arg,
+    add_threads_arg,
+    machine,
+    reuse_memory,
+    set_threads,
+    table,
+    write_json,
+)
 
 from mgsr.build.data import build_datamodule
 from mgsr.build.module import build_module
@@ -141,8 +156,8 @@ class StepTimer(L.Callback):
 TRAINER = {"accelerator": "cpu"}  # main() sets gpu / bf16-mixed for --device cuda
 
 
-def fit_steps(cfg, student, teacher, tokenizer, batch, steps: int, profile_step: int | None = None, dm=None):
-    """Run `steps` optimiser steps of the method `cfg` on copies of the same batch; returns the StepTimer. `dm`
+def fit_steps(cfg, student, teacher, tokenizer, batches: list, steps: int, profile_step: int | None = None, dm=None):
+    """Run `steps` optimiser steps of the method `cfg` on `batches` in turn (cycled); returns the StepTimer. `dm`
     lends its training prompts to rollouts made ahead."""
     module = build_module(cfg, student, teacher, tokenizer, dm)
     timer = StepTimer(profile_step)
@@ -150,7 +165,8 @@ def fit_steps(cfg, student, teacher, tokenizer, batch, steps: int, profile_step:
     trainer = L.Trainer(**TRAINER, devices=1, max_steps=steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=callbacks)
-    loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b)
+    loader = torch.utils.data.DataLoader([batches[i % len(batches)] for i in range(steps)], batch_size=None,
+                                         collate_fn=lambda b: b)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, train_dataloaders=loader)
@@ -256,6 +272,49 @@ def print_regeneration(regen: list[dict], batch_size: int) -> None:
                  "unragged_rows_fed_x_full"]))
 
 
+def random_start(args):
+    """Random-init teacher and student (tiny, or --model's shapes) and one batch of synthetic prompts, repeated."""
+    base = compose([f"cache_dir={args.cache_dir}", "data.n_train=256", "data.n_val=8", "data.n_test=8",
+                    *args.overrides])
+    tokenizer = build_tokenizer(base)
+    dm = build_datamodule(base, tokenizer, batch_size=args.batch_size)
+    dm.setup("fit")
+    batch = dm.collator([dm.datasets["train"][i] for i in range(args.batch_size)])
+    t_arch, s_arch = dict(base.model.teacher.arch), dict(base.model.student.arch)
+    if args.model != "tiny":
+        t_arch.update(MODEL_SHAPES[args.model][0], n_positions=1024)
+        s_arch.update(MODEL_SHAPES[args.model][1], n_positions=1024)
+    teacher = freeze(build_from_config(t_arch, tokenizer, seed=1))
+    if args.dtype == "bfloat16":
+        teacher = teacher.to(torch.bfloat16)
+    student0 = build_from_config(s_arch, tokenizer, seed=0)
+    return base, tokenizer, dm, [batch], teacher, student0
+
+
+def testbed_config(args):
+    """train.py's embedded default at seed 0 with the bench's cache: nothing that keys the cached stages changes."""
+    return compose([f"cache_dir={args.cache_dir}", "seed=0", *args.overrides])
+
+
+def testbed_start(args, n_batches: int = 8):
+    """The embedded default as train.py builds it at seed 0 (its data untouched, so the cached fine-tuned teacher
+    and SFT start are the ones compare.py's cells start from) and its first `n_batches` training batches."""
+    from mgsr.build.student import build_student
+    from mgsr.build.teacher import ensure_teacher
+    from mgsr.data.prompt import use_prompt_format
+
+    base = testbed_config(args)
+    tokenizer = use_prompt_format(build_tokenizer(base), base.data.get("prompt_format", "alpaca"))
+    dm = build_datamodule(base, tokenizer, batch_size=args.batch_size)
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    batches = [dm.collator([train[i] for i in range(j * args.batch_size, (j + 1) * args.batch_size)])
+               for j in range(n_batches)]
+    teacher = freeze(ensure_teacher(base, tokenizer, dm))
+    student0 = build_student(base, tokenizer)
+    return base, tokenizer, dm, batches, teacher, student0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in GRID], choices=list(METHODS))
@@ -273,13 +332,20 @@ def main() -> None:
     p.add_argument("--model", default="tiny", choices=["tiny", *MODEL_SHAPES],
                    help="shapes: tiny (conf/model/tiny.yaml) or a preset's, random init (needs --random-init)")
     p.add_argument("--random-init", action="store_true", help="random init at --model's shapes (no hub access)")
+    p.add_argument("--init", default="random", choices=["random", "testbed"],
+                   help="testbed: the embedded default's fine-tuned teacher and SFT start (trained models, real "
+                        "prompts; rollouts stop at EOS) instead of random init")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: bf16 teacher and bf16-mixed training (as trainer=gpu)")
     add_threads_arg(p)
+    add_reuse_memory_arg(p)
     args = p.parse_args()
+    malloc_env = reuse_memory(args)
     set_threads(args.threads)
     if args.model != "tiny" and not args.random_init:
         p.error("--model other than tiny needs --random-init (hub weights are not loaded here)")
+    if args.init == "testbed" and (args.model != "tiny" or args.random_init):
+        p.error("--init testbed uses the testbed's own models: drop --model / --random-init")
     if args.device == "cuda":
         TRAINER.update(accelerator="gpu")
     if args.dtype == "bfloat16":
@@ -289,38 +355,28 @@ def main() -> None:
     if "kd" not in args.methods:
         args.methods = ["kd", *args.methods]
     L.seed_everything(0, verbose=False)
-    base = compose([f"cache_dir={args.cache_dir}", "data.n_train=256", "data.n_val=8", "data.n_test=8",
-                    *args.overrides])
-    tokenizer = build_tokenizer(base)
-    dm = build_datamodule(base, tokenizer, batch_size=args.batch_size)
-    dm.setup("fit")
-    batch = dm.collator([dm.datasets["train"][i] for i in range(args.batch_size)])
-    t_arch, s_arch = dict(base.model.teacher.arch), dict(base.model.student.arch)
-    if args.model != "tiny":
-        t_arch.update(MODEL_SHAPES[args.model][0], n_positions=1024)
-        s_arch.update(MODEL_SHAPES[args.model][1], n_positions=1024)
-    teacher = freeze(build_from_config(t_arch, tokenizer, seed=1))
-    if args.dtype == "bfloat16":
-        teacher = teacher.to(torch.bfloat16)
-    student0 = build_from_config(s_arch, tokenizer, seed=0)
+    if args.init == "testbed":
+        base, tokenizer, dm, batches, teacher, student0 = testbed_start(args)
+    else:
+        base, tokenizer, dm, batches, teacher, student0 = random_start(args)
     cfgs = {m: compose([f"cache_dir={args.cache_dir}", *METHODS[m][0], *args.overrides]) for m in args.methods}
     students = {m: copy.deepcopy(student0) for m in args.methods}
 
     if args.regen_only:
-        regen = regeneration_rows(args, teacher, student0, batch, tokenizer)
-        write_json(args.out, {"machine": machine(), "args": vars(args), "regeneration": regen})
+        regen = regeneration_rows(args, teacher, student0, batches[0], tokenizer)
+        write_json(args.out, {"machine": machine(), "args": vars(args), "malloc_env": malloc_env, "regeneration": regen})
         print_regeneration(regen, args.batch_size)
         return
     per_round = {m: [] for m in args.methods}
     peaks = {}
     for r in range(args.rounds):
         for m in args.methods:
-            timer = fit_steps(cfgs[m], students[m], teacher, tokenizer, batch, steps_for(m, args.steps) + 1, dm=dm)
+            timer = fit_steps(cfgs[m], students[m], teacher, tokenizer, batches, steps_for(m, args.steps) + 1, dm=dm)
             per_round[m].append(statistics.mean(timer.times))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {per_round[m][-1]:.3f}s" for m in args.methods),
               flush=True)
     for m in args.methods:  # memory: one profiled step (step 2 of a short fit), not timed
-        peaks[m] = fit_steps(cfgs[m], copy.deepcopy(student0), teacher, tokenizer, batch, 3, profile_step=2,
+        peaks[m] = fit_steps(cfgs[m], copy.deepcopy(student0), teacher, tokenizer, batches, 3, profile_step=2,
                              dm=dm).peak
 
     kd_s, kd_mb = statistics.median(per_round["kd"]), peaks["kd"] / 2**20
@@ -333,7 +389,7 @@ def main() -> None:
                      "per_round_s": per_round[m]})
 
     loss_rows = []
-    regen = regeneration_rows(args, teacher, student0, batch, tokenizer) if args.device == "cpu" else []
+    regen = regeneration_rows(args, teacher, student0, batches[0], tokenizer) if args.device == "cpu" else []
     # the DAC-KL loss alone at V = 50k vs the forward KL (see bench/loss_scaling.py for the sweep)
     from common import interleaved_medians
     from loss_scaling import cases, make_logits
@@ -345,10 +401,12 @@ def main() -> None:
         loss_rows = [{"loss": k, "median_s": v["median_s"], "x_kl": v["median_s"] / loss_t["kl"]["median_s"]}
                      for k, v in loss_t.items()]
 
-    payload = {"machine": machine(), "args": vars(args), "steps": rows, "regeneration": regen, "loss_50k": loss_rows}
+    payload = {"machine": machine(), "args": vars(args), "malloc_env": malloc_env, "steps": rows, "regeneration": regen,
+               "loss_50k": loss_rows}
     path = write_json(args.out, payload)
     print(f"\nwrote {path}")
-    print(f"\nDAC-KL loss alone, fwd+bwd, {args.batch_size * 16} tokens, vocab 50257 (x_kl: / forward KL):")
+    memory = "freed memory reused" if args.reuse_memory else "default allocator: see BENCHMARKS.md section 2, Update 2"
+    print(f"\nDAC-KL loss alone, fwd+bwd, {args.batch_size * 16} tokens, vocab 50257 (x_kl: / forward KL; {memory}):")
     print(table(loss_rows, ["loss", "median_s", "x_kl"]))
     print_regeneration(regen, args.batch_size)
     m = payload["machine"]
