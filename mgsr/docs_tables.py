@@ -8,12 +8,12 @@ A markdown file marks a generated block with
     <!-- end generated -->
 
 A marker counts only at the start of a line (an indented one, as above, is an example). The path is relative
-to the repository root (the same marker works in README.md and docs/*.md). Everything
+to the repository root (the same marker works in README.md, docs/*.md and BENCHMARKS.md). Everything
 between the markers is replaced by: one stamp line (the report's `commit ... · config ... · machine · wall
 time` line, else its `stamp.json` next to it; a report with neither is refused) with a link to the report
 relative to the file that holds the block, then the selected tables verbatim.
 
-    python -m mgsr.docs_tables            # refresh every marked block in README.md and docs/*.md
+    python -m mgsr.docs_tables            # refresh every marked block in README.md, docs/*.md and BENCHMARKS.md
     python -m mgsr.docs_tables --check    # exit 1 (and name the files) if any block differs from its report
     python -m mgsr.docs_tables FILE...    # only these files
 
@@ -108,8 +108,8 @@ def blocks(text: str) -> list[tuple[str, str, str]]:
 
 
 def doc_files(root: Path = REPO) -> list[Path]:
-    """README.md and every docs/*.md: the files whose blocks the CLI refreshes by default."""
-    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    """README.md, every docs/*.md and BENCHMARKS.md: the files whose blocks the CLI refreshes by default."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md")), root / "BENCHMARKS.md"]
 
 
 def refresh_files(paths, root: Path = REPO, check: bool = False) -> list[Path]:
@@ -127,7 +127,7 @@ def refresh_files(paths, root: Path = REPO, check: bool = False) -> list[Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mgsr.docs_tables", description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="*", type=Path, help="markdown files (default: README.md and docs/*.md)")
+    ap.add_argument("files", nargs="*", type=Path, help="markdown files (default: README.md, docs/*.md, BENCHMARKS.md)")
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
     args = ap.parse_args(argv)
     try:

@@ -13,7 +13,7 @@ from mgsr import docs_tables
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
-PAGES = [README, *DOCS]
+PAGES = [README, *DOCS, REPO / "BENCHMARKS.md"]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # The two set-up commands, exactly as .ci/run and the README have always had them.
 MAIN = "pip install torch==2.13.0 && pip install -r requirements.txt && python train.py"
