@@ -22,7 +22,7 @@ from common import REPO
 DEFAULT_COST = {"testbed start": "bench/results/step_cost_grid_testbed.json",
                 "random init": "bench/results/step_cost_grid.json"}
 DEFAULT_QUALITY = ["results/testbed/report_step_cost.csv", "results/testbed/report.csv"]
-BASELINES = ["sft", "gkd", "distillm", "abkd", "taid", "minillm"]
+BASELINES = ["kd", "sft", "gkd", "distillm", "abkd", "taid", "minillm"]
 
 
 def grid_name(method: str) -> str:
@@ -73,7 +73,7 @@ def render(costs: dict[str, dict], quality: dict[str, dict], quality_paths: list
         first_row = by_start[next(iter(costs))].get(m) or {}
         mem = f"{first_row['mem_x_kd']:.2f}" if first_row.get("mem_x_kd") is not None else "—"
         score, diff = quality_cells(quality.get(grid_name(m)))
-        label = f"`{m}`" + (" (default)" if m == "mgsr_k1_n1" else "" if m.startswith("mgsr") else " (baseline)")
+        label = f"`{m}`" + (" (default)" if m == "mgsr_k1_n1" else "" if m.startswith("mgsr") else " (the unit)" if m == "kd" else " (baseline)")
         lines.append("| " + " | ".join([label, *ratios, mem, score, diff]) + " |")
     return stamp + "\n\n" + "\n".join(lines) + "\n"
 
