@@ -288,7 +288,7 @@ def random_start(args):
     if args.dtype == "bfloat16":
         teacher = teacher.to(torch.bfloat16)
     student0 = build_from_config(s_arch, tokenizer, seed=0)
-    return base, tokenizer, dm, [batch], teacher, student0
+    return tokenizer, dm, [batch], teacher, student0
 
 
 def testbed_config(args):
@@ -310,9 +310,9 @@ def testbed_start(args, n_batches: int = 8):
     train = dm.datasets["train"]
     batches = [dm.collator([train[i] for i in range(j * args.batch_size, (j + 1) * args.batch_size)])
                for j in range(n_batches)]
-    teacher = freeze(ensure_teacher(base, tokenizer, dm))
+    teacher = ensure_teacher(base, tokenizer, dm)  # frozen, as train.py gets it
     student0 = build_student(base, tokenizer)
-    return base, tokenizer, dm, batches, teacher, student0
+    return tokenizer, dm, batches, teacher, student0
 
 
 def main() -> None:
@@ -355,10 +355,8 @@ def main() -> None:
     if "kd" not in args.methods:
         args.methods = ["kd", *args.methods]
     L.seed_everything(0, verbose=False)
-    if args.init == "testbed":
-        base, tokenizer, dm, batches, teacher, student0 = testbed_start(args)
-    else:
-        base, tokenizer, dm, batches, teacher, student0 = random_start(args)
+    start = testbed_start if args.init == "testbed" else random_start
+    tokenizer, dm, batches, teacher, student0 = start(args)
     cfgs = {m: compose([f"cache_dir={args.cache_dir}", *METHODS[m][0], *args.overrides]) for m in args.methods}
     students = {m: copy.deepcopy(student0) for m in args.methods}
 
