@@ -15,7 +15,14 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from mgsr.build.data import build_datamodule, check_epoch_length, eval_sets, resolve_data_path
-from mgsr.build.evaluate import EVAL_ONLY, evaluate_reference, exposure_bias, final_evaluation, write_results
+from mgsr.build.evaluate import (
+    EVAL_ONLY,
+    evaluate_reference,
+    exposure_bias,
+    final_evaluation,
+    teacher_forced,
+    write_results,
+)
 from mgsr.build.module import build_module
 from mgsr.build.student import build_student, export_student, trained_student
 from mgsr.build.teacher import ensure_teacher
@@ -69,6 +76,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     trainer, cost, loggers = fit(cfg, run_dir, module, dm)
     results = fit_results(cfg, run_dir, dm, trainer, module, cost, loggers, seqkd_stats)
     student, teacher, best = trained_student(cfg, tokenizer, trainer, module, student, teacher)
+    results["evaluated"] = evaluated_checkpoint(cfg, best, trainer)
     if best:
         results["checkpoint"] = best
 
@@ -77,6 +85,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         student = export_student(student, tokenizer, run_dir)
         if cfg.eval.enabled:
             final_evaluation(cfg, student, tokenizer, final_sets, results)
+            if cfg.eval.get("teacher_forced"):
+                results["teacher_forced"] = teacher_forced(cfg, student, teacher, tokenizer, dm, final_sets)
             if cfg.eval.get("exposure_bias"):
                 results["exposure"] = exposure_bias(cfg, student, teacher, tokenizer, dm)
         write_results(run_dir, results, t_start)
@@ -129,9 +139,35 @@ def fit_results(cfg: DictConfig, run_dir: Path, dm, trainer, module, cost, logge
     if offline:
         results["wandb_offline_dir"] = offline
         log.info("W&B offline run: %s (upload with: wandb sync %s)", offline, offline)
+    results["span_backend"] = span_backend(module)
     if getattr(module, "scrg_history", None):  # what SCRG did over training (e.g. corrected tokens per sequence)
         results["scrg"] = {k: sum(v) / len(v) for k, v in module.scrg_history.items() if v}
     return results
+
+
+def evaluated_checkpoint(cfg: DictConfig, best: str | None, trainer) -> dict:
+    """What the final evaluation scored: the checkpoint selected by `checkpoint.monitor` and its training step,
+    or the weights training ended with (selection "end of training"), so selection noise can be measured."""
+    if best and Path(best).is_file():
+        import torch
+
+        step = torch.load(best, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        how = "last checkpoint" if Path(best).stem == "last" else f"best {cfg.checkpoint.monitor}"
+        return {"selection": how, "path": best, "step": step}
+    return {"selection": "end of training", "path": None, "step": int(trainer.global_step)}
+
+
+def span_backend(module) -> dict:
+    """Which span rule the span loss trained with: {"backend": "nltk" | "fallback" | "none", "reason": ...}.
+    "none": the run has no span loss. A fallback is recorded with its reason, so no cell hides it."""
+    span = getattr(module, "span", None)
+    extractor = getattr(span, "extractor", None)
+    if extractor is None:
+        return {"backend": "none"}
+    out = {"backend": extractor.backend}
+    if extractor.fallback_reason:
+        out["reason"] = extractor.fallback_reason
+    return out
 
 
 __all__ = ["run", "ConfigError"]

@@ -18,8 +18,10 @@ two chunks belongs to both, so spans may share their edge token; byte-fallback /
 character all cover that character. Where the ``[a_k, b_k)`` come from (fast and slow tokenizers), and the
 other token / text alignment helpers: mgsr/span_alignment.py.
 
-NLTK data is never downloaded. ``nltk_data_dir`` (config key ``span.nltk_data``) is searched first while the
-models load; ``nltk.data.path`` is left as it was (NLTK only reads data it finds through that list, so the
+NLTK data is never downloaded. The two English resources ship with the project (``BUNDLED_NLTK_DATA``,
+mgsr/assets/nltk_data, licences in its README), so the NLTK backend needs no ``NLTK_DATA`` and no ``../shared``.
+``nltk_data_dir`` (config key ``span.nltk_data``) is searched first, then the bundled copy, then NLTK's own
+path, while the models load; ``nltk.data.path`` is left as it was (NLTK only reads data it finds through that list, so the
 directory is put there for the loading and taken out again). If the resources are missing, or
 ``use_nltk=False``, the **fallback rule** is used and a warning is emitted once per ``WarnOnce`` object
 (each extractor has its own unless one is passed in, so a run warns once):
@@ -43,6 +45,7 @@ import warnings
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -58,6 +61,8 @@ VP: {<MD>?<RB.*>?<VB.*>+<RP>?<RB.*>?}
 
 CHUNK_LABELS = frozenset({"NP", "PP", "VP"})
 NLTK_RESOURCES = ("tokenizers/punkt_tab/english/", "taggers/averaged_perceptron_tagger_eng/")
+# Pinned copies of exactly NLTK_RESOURCES: the method's span rule must not depend on what a machine has installed.
+BUNDLED_NLTK_DATA = Path(__file__).resolve().parent / "assets" / "nltk_data"
 # LRU entries (one per distinct response id sequence) kept by default; spans change only when SCRG
 # revises a sequence, so most lookups hit and skip the chunker.
 DEFAULT_CACHE_SIZE = 65536
@@ -84,19 +89,21 @@ def _fallback_message(reason: str) -> str:
     return (
         f"Span priors: {reason}; using the fallback rule instead of NLTK chunking (spans = maximal runs of "
         "tokens with an alphanumeric character and no sentence punctuation . , ; : ! ? or newline). "
-        "Point the config key `span.nltk_data` to an nltk_data directory holding punkt_tab and "
-        "averaged_perceptron_tagger_eng (e.g. shared/data/nltk_data); NLTK data is never downloaded."
+        "The project ships both resources in mgsr/assets/nltk_data: reinstall mgsr if they are missing, or "
+        "point `span.nltk_data` to an nltk_data directory holding punkt_tab and averaged_perceptron_tagger_eng."
     )
 
 
 @contextmanager
 def _nltk_search_path(nltk, data_dir: str | None):
-    """`nltk.data.path` with `data_dir` first, only while the models load, then exactly as before.
+    """`nltk.data.path` with `data_dir` first and the bundled copy second, only while the models load, then
+    exactly as before.
 
     NLTK finds (and, since 3.9, authorises reads of) its data only through that global list; the loaded
     Punkt parameters and tagger weights live in memory, so nothing needs the entry afterwards.
     """
     saved = list(nltk.data.path)
+    nltk.data.path.insert(0, str(BUNDLED_NLTK_DATA))
     if data_dir is not None:
         nltk.data.path.insert(0, data_dir)
     try:
@@ -125,13 +132,16 @@ class SpanExtractor:
         self.cache_misses = 0
         self._cache: OrderedDict[tuple[int, ...], list[tuple[int, int]]] = OrderedDict()
         self._backend = "fallback"
+        self.fallback_reason: str | None = None  # why the fallback rule is in use (results.json records it)
         if not use_nltk:
-            self.warn_once(_fallback_message("NLTK chunking disabled (use_nltk=False)"))
+            self.fallback_reason = "NLTK chunking disabled (use_nltk=False)"
+            self.warn_once(_fallback_message(self.fallback_reason))
             return
         reason = self._load_nltk(nltk_data_dir, grammar)
         if reason is None:
             self._backend = "nltk"
         else:
+            self.fallback_reason = reason
             self.warn_once(_fallback_message(reason))
 
     def _load_nltk(self, nltk_data_dir: str | None, grammar: str) -> str | None:

@@ -44,6 +44,15 @@ def test_default_pipeline_end_to_end(tmp_path, tiny_overrides):
     # the selection metric is what the last validation logged, and best.ckpt is the checkpoint it selected
     assert res["val"]["val/rougeL"] == pytest.approx(_last_logged(run_dir, "val/rougeL"))
     assert res["checkpoint"].endswith("best.ckpt")
+    # what decided the cell is on record: the span rule, the evaluated step, per-prompt scores, held-out metrics
+    assert saved["span_backend"] == {"backend": "nltk"}
+    assert saved["evaluated"]["selection"] == "best val/rougeL" and saved["evaluated"]["path"] == res["checkpoint"]
+    assert 0 < saved["evaluated"]["step"] <= cfg.trainer.max_steps
+    per_prompt = saved["eval"]["per_prompt"]["test"]["10"]
+    assert len(per_prompt) == 4
+    assert sum(per_prompt) / 4 == pytest.approx(saved["eval"]["per_seed"]["test"]["10"]["rougeL"], abs=0.01)
+    tf = saved["teacher_forced"]["test"]
+    assert tf["records"] == 4 and tf["tokens"] > 4 and tf["nll"] > 0 and tf["fkl"] > 0
 
     # evaluate.py on the saved student, through the real entry point
     out = subprocess.run(
@@ -69,8 +78,12 @@ def test_default_pipeline_end_to_end(tmp_path, tiny_overrides):
 
 def test_sft_only_run_needs_no_teacher(tmp_path, tiny_overrides):
     overrides = [*tiny_overrides, "loss=sft", "cache_dir=" + str(tmp_path / "empty_cache"),
-                 "eval.exposure_bias=false"]  # exposure bias compares with the teacher
+                 "eval.exposure_bias=false", "eval.teacher_forced=false",  # both compare with the teacher
+                 "checkpoint.monitor=null"]  # no selection: the weights training ended with are evaluated
     res = run(compose_train(overrides), tmp_path / "run")
+    assert res["evaluated"] == {"selection": "end of training", "path": None,
+                                "step": compose_train(overrides).trainer.max_steps}
+    assert res["span_backend"] == {"backend": "none"} and "teacher_forced" not in res
     assert not list((tmp_path / "empty_cache").glob("teacher-*"))  # no teacher stage for SFT
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/sft" in header and "dac/" not in header and "scrg/" not in header

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -81,14 +85,16 @@ def test_nltk_data_dir_does_not_stay_in_the_global_search_path(monkeypatch) -> N
 def test_missing_data_falls_back_and_warns_once_per_extractor(monkeypatch, caplog) -> None:
     import nltk
 
-    # Hide every data dir so only the bogus dir is searched.
+    # Hide every data dir (the bundled copy too) so only the bogus dir is searched.
     monkeypatch.setattr(nltk.data, "path", [])
+    monkeypatch.setattr(spans_mod, "BUNDLED_NLTK_DATA", Path("/nonexistent/bundled"))
     caplog.set_level(logging.WARNING, logger="mgsr.spans")
     with pytest.warns(UserWarning, match="span.nltk_data") as record:
         a = SpanExtractor("/nonexistent/nltk_data_dir")
         a.token_spans(FOX_TOKENS)
         a.char_spans(FOX)
     assert a.backend == "fallback"
+    assert "not found" in a.fallback_reason
     assert len([w for w in record if "NLTK" in str(w.message)]) == 1
     assert len([r for r in caplog.records if r.name == "mgsr.spans"]) == 1
     assert "fallback rule" in caplog.records[0].getMessage()
@@ -98,6 +104,7 @@ def test_warn_once_is_owned_not_global(monkeypatch) -> None:
     import nltk
 
     monkeypatch.setattr(nltk.data, "path", [])
+    monkeypatch.setattr(spans_mod, "BUNDLED_NLTK_DATA", Path("/nonexistent/bundled"))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         SpanExtractor("/nonexistent/x")
@@ -345,3 +352,29 @@ class _SlowTokenizer:
 
 def test_slow_tokenizer_per_token_fallback(nltk_ex) -> None:
     assert nltk_ex.spans_for_ids(_SlowTokenizer(), [1, 2, 3, 4, 5, 0]) == [(0, 4)]
+
+
+def test_bundled_data_gives_the_nltk_backend_with_no_environment(tmp_path) -> None:
+    """A fresh machine: no NLTK_DATA, an empty HOME, no ../shared beside the working directory. The bundled
+    copy alone must give the NLTK backend, and the same spans as the shared data."""
+    code = ("import json, nltk; from mgsr.spans import SpanExtractor; ex = SpanExtractor(); "
+            f"print(json.dumps([ex.backend, ex.fallback_reason, ex.char_spans({FOX!r}), nltk.data.path]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("NLTK_DATA", "MGSR_SHARED")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True)
+    backend, reason, spans, path = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (backend, reason) == ("nltk", None), out.stderr
+    assert [tuple(s) for s in spans] == [(0, 19), (20, 25), (26, 43)]
+    assert not any("shared" in p for p in path)  # nothing of the test environment leaked in
+
+
+def test_bundled_data_is_byte_identical_to_the_shared_copy() -> None:
+    if not Path(NLTK_DATA).is_dir():
+        pytest.skip("no ../shared/data/nltk_data to compare with")
+    for resource in spans_mod.NLTK_RESOURCES:
+        ours, theirs = spans_mod.BUNDLED_NLTK_DATA / resource, Path(NLTK_DATA) / resource
+        names = sorted(p.name for p in ours.iterdir())
+        assert names and names == sorted(p.name for p in theirs.iterdir())
+        for name in names:
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name

@@ -47,6 +47,9 @@ def evaluate_reference(cfg: DictConfig, run_dir: Path, tokenizer, dm, final_sets
     results = {"name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir), "eval_only": which,
                "data_stats": dm.stats}
     final_evaluation(cfg, model, tokenizer, final_sets, results)
+    if cfg.eval.get("teacher_forced"):
+        results["teacher_forced"] = teacher_forced(cfg, model, model if which == "teacher" else None, tokenizer, dm,
+                                                   final_sets)
     if which == "student_init" and cfg.eval.get("exposure_bias"):
         results["exposure"] = exposure_bias(cfg, model, None, tokenizer, dm)
     write_results(run_dir, results, t_start)
@@ -60,18 +63,47 @@ def exposure_bias(cfg: DictConfig, student, teacher, tokenizer, dm) -> dict:
     from mgsr.evaluation.exposure import measure_exposure_bias
 
     e = cfg.eval
+    teacher, reason = loaded_teacher(cfg, teacher, tokenizer, dm)
     if teacher is None:
-        try:
-            teacher = ensure_teacher(cfg, tokenizer, dm)
-        except (ConfigError, OSError, ValueError) as err:  # no teacher to compare with: skip, never fail the run
-            reason = f"no teacher to compare with ({type(err).__name__}: {err})"
-            log.warning("exposure bias skipped: %s", reason)
-            return {"skipped": reason}
+        log.warning("exposure bias skipped: %s", reason)
+        return {"skipped": reason}
     teacher.to(next(student.parameters()).device)
     out = measure_exposure_bias(teacher, student, tokenizer, dm.records["val"], n_prompts=e.exposure_prompts,
                                 seed=e.exposure_seed, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                 max_prompt_len=cfg.data.max_prompt_len)
     log.info("exposure bias: ExAccErr@%d = %.1f%% on %d dev prompts", out["at"], out["exacc_err"], out["n_prompts"])
+    return out
+
+
+def loaded_teacher(cfg: DictConfig, teacher, tokenizer, dm):
+    """(teacher, None), loading the (cached) teacher for runs that trained without it, or (None, why not)."""
+    if teacher is not None:
+        return teacher, None
+    try:
+        return ensure_teacher(cfg, tokenizer, dm), None
+    except (ConfigError, OSError, ValueError) as err:  # no teacher to compare with: skip, never fail the run
+        return None, f"no teacher to compare with ({type(err).__name__}: {err})"
+
+
+def teacher_forced(cfg: DictConfig, student, teacher, tokenizer, dm, final_sets) -> dict:
+    """`eval.teacher_forced`: NLL and forward KL to the teacher on each final set's clean references
+    (mgsr/evaluation/teacher_forced.py), deterministic, with the final evaluation's prompt cap and limit."""
+    from mgsr.evaluation.teacher_forced import teacher_forced_metrics
+
+    teacher, reason = loaded_teacher(cfg, teacher, tokenizer, dm)
+    if teacher is not None:
+        teacher.to(next(student.parameters()).device)
+    else:
+        log.warning("teacher-forced FKL skipped (NLL still measured): %s", reason)
+    sets, _, _ = final_sets
+    limit = eval_limit(cfg)
+    out = {}
+    for name, records in sets.items():
+        out[name] = teacher_forced_metrics(student, teacher, tokenizer, records[:limit] if limit else records,
+                                           batch_size=cfg.eval.batch_size, max_prompt_len=cfg.data.max_prompt_len,
+                                           max_len=cfg.data.max_len)
+        log.info("teacher-forced %s: NLL %.4f, FKL %s (%d tokens)", name, out[name]["nll"],
+                 "—" if out[name]["fkl"] is None else f"{out[name]['fkl']:.4f}", out[name]["tokens"])
     return out
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from mgsr.data.collate import pad_rows
-from mgsr.evaluation.metrics import distinct_n, exact_match, postprocess, rouge_l
+from mgsr.evaluation.metrics import distinct_n, exact_match, postprocess, rouge_l_per_example
 from mgsr.evaluation.tables import summarise_seeds
 from mgsr.generation import SamplingConfig, generate
 
@@ -88,35 +88,42 @@ def generate_responses(model, tokenizer, prompt_ids: list[torch.Tensor], samplin
     return texts, n_tokens
 
 
-def score(predictions: list[str], references: list[list[str]], *, em_style: str = "minillm") -> dict[str, float]:
-    return {"rougeL": rouge_l(predictions, references),
+def score(predictions: list[str], references: list[list[str]], *, em_style: str = "minillm",
+          per_example: list[float] | None = None) -> dict[str, float]:
+    if per_example is None:
+        per_example = rouge_l_per_example(predictions, references)
+    return {"rougeL": sum(per_example) / len(per_example) if per_example else 0.0,
             "exact_match": exact_match(predictions, references, style=em_style),
             "distinct_1": distinct_n(predictions, 1), "distinct_2": distinct_n(predictions, 2)}
 
 
 def evaluate_sets(model, tokenizer, sets: dict[str, list[dict]], settings: EvalSettings, *, log=print) -> dict:
     """Evaluate `model` on named record lists. Returns per-seed scores, the mean ± std summary,
-    tokens/s, dropped-prompt counts and samples of the first seed's generations."""
+    tokens/s, dropped-prompt counts, samples of the first seed's generations, and each prompt's ROUGE-L per seed
+    (`per_prompt[set][seed]`, in record order, 2 decimals): what the noise budget splits prompts from seeds with."""
     model.eval()
     sampling = settings.sampling()
     per_seed: dict[str, dict[int, dict[str, float]]] = {}
-    samples, dropped = {}, {}
+    samples, dropped, per_prompt = {}, {}, {}
     for name, records in sets.items():
         records = records[: settings.limit] if settings.limit else records
         prompt_ids, kept, n_drop = encode_prompts(tokenizer, records, settings.max_prompt_len)
         dropped[name] = n_drop
         refs = [records[i]["references"] for i in kept]
-        per_seed[name] = {}
+        per_seed[name], per_prompt[name] = {}, {}
         for seed in settings.seeds:
             t0 = time.perf_counter()
             preds, n_tok = generate_responses(model, tokenizer, prompt_ids, sampling, seed=seed,
                                               batch_size=settings.batch_size)
             dt = time.perf_counter() - t0
-            per_seed[name][seed] = {**score(preds, refs, em_style=settings.exact_match), "tokens_per_s": n_tok / max(dt, 1e-9)}
+            rouge = rouge_l_per_example(preds, refs)
+            per_prompt[name][seed] = [round(x, 2) for x in rouge]
+            per_seed[name][seed] = {**score(preds, refs, em_style=settings.exact_match, per_example=rouge),
+                                    "tokens_per_s": n_tok / max(dt, 1e-9)}
             if seed == settings.seeds[0]:
                 samples[name] = [{"prompt": records[i]["prompt"], "prediction": p, "references": r}
                                  for i, p, r in list(zip(kept, preds, refs))[:20]]
             log(f"eval {name} seed={seed}: rougeL={per_seed[name][seed]['rougeL']:.2f} "
                 f"({len(preds)} prompts, {n_tok / max(dt, 1e-9):.0f} tok/s)")
     return {"per_seed": per_seed, "summary": summarise_seeds(per_seed), "dropped_too_long": dropped,
-            "samples": samples, "seeds": list(settings.seeds)}
+            "samples": samples, "seeds": list(settings.seeds), "per_prompt": per_prompt}
