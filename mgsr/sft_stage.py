@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -49,16 +50,69 @@ def fine_tune_cached(path: Path, build_model, tokenizer, datamodule, *, max_step
     if (path / "config.json").is_file():
         log.info("%s: using cached %s", what, path)
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with stage_lock(path):  # two runs sharing a cache (compare's parallel cells) train a stage once
+        if (path / "config.json").is_file():
+            log.info("%s: using cached %s (made by another run while this one waited)", what, path)
+            return path
+        return _fine_tune(path, build_model, tokenizer, datamodule, max_steps=max_steps, lr=lr, seed=seed,
+                          accelerator=accelerator, progress=progress, what=what, module_cls=DistillModule)
+
+
+@contextmanager
+def stage_lock(path: Path):
+    """An exclusive advisory lock beside `path` (released when the process dies, so never stale)."""
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another run to finish %s", path.name)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class ProgressLog(L.Callback):
+    """One log line per `every_s` seconds of training (and at the first step): step, loss, s/step, ETA. A cached
+    stage runs for minutes with no other output in a non-interactive log; this says it is alive and when it ends."""
+
+    def __init__(self, what: str, every_s: float = 60.0):
+        self.what, self.every_s = what, every_s
+        self.t0 = self.last = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.t0 = time.perf_counter()
+        self.last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self.last is not None and now - self.last < self.every_s:
+            return
+        self.last = now
+        step, total = trainer.global_step, trainer.max_steps
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        per_step = (now - self.t0) / max(step, 1)
+        log.info("%s: step %d/%d, loss %.4f, %.2f s/step, ETA %s", self.what, step, total,
+                 float(loss) if loss is not None else float("nan"), per_step,
+                 time.strftime("%M:%S", time.gmtime(per_step * max(total - step, 0))) if total > 0 else "?")
+
+
+def _fine_tune(path: Path, build_model, tokenizer, datamodule, *, max_steps, lr, seed, accelerator, progress, what,
+               module_cls) -> Path:
     log.info("%s: SFT for %d steps (cached at %s)", what, max_steps, path)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # the stage's own stream: the run's RNG is not moved
         torch.manual_seed(seed)
         model = build_model()
-        module = DistillModule(model, tokenizer, sft_weight=1.0, distill_weight=0.0, span_weight=0.0,
+        module = module_cls(model, tokenizer, sft_weight=1.0, distill_weight=0.0, span_weight=0.0,
                                optim={"lr": lr}, val_generate=0, seed=seed)
         trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
                             enable_checkpointing=False, gradient_clip_val=1.0, limit_val_batches=0,
-                            enable_progress_bar=progress, enable_model_summary=False)
+                            enable_progress_bar=progress, enable_model_summary=False, callbacks=[ProgressLog(what)])
         trainer.fit(module, datamodule=datamodule)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
