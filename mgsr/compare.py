@@ -31,6 +31,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mgsr.noise_budget import (
+    BUDGET_NOTE,
+    TARGET_HALF,
+    budget_markdown,
+    noise_budget,
+    per_eval_seed,
+    teacher_forced_value,
+)
+
 log = logging.getLogger("mgsr.compare")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,23 +173,45 @@ def collect(spec: Spec, out: Path) -> dict:
 
 
 # -- the report --------------------------------------------------------------------------------------------------
+def _avg(r: dict, metric: str):
+    return ((r.get("eval", {}).get("summary", {}).get("Average") or {}).get(metric) or [None])[0]
+
+
 EXTRA = (  # (column, how to read it from a results.json)
-    ("Distinct-2", lambda r: ((r.get("eval", {}).get("summary", {}).get("Average") or {}).get("distinct_2") or [None])[0]),
+    ("Distinct-1", lambda r: _avg(r, "distinct_1")),
+    ("Distinct-2", lambda r: _avg(r, "distinct_2")),
     ("ExAccErr@15 (%)", lambda r: (r.get("exposure") or {}).get("exacc_err")),
     ("s/step", lambda r: (r.get("train_cost") or {}).get("s_per_step")),
+    ("corrected/seq", lambda r: (r.get("scrg") or {}).get("corrected_per_seq")),   # what SCRG changed
+    ("DAC kept/token", lambda r: (r.get("dac") or {}).get("kept")),               # what DAC-KL kept
+    ("DAC l", lambda r: (r.get("dac") or {}).get("lower_mean")),
+    ("DAC u", lambda r: (r.get("dac") or {}).get("upper_mean")),
 )
+TF_METRICS = ("nll", "fkl")  # teacher-forced, deterministic (mgsr/evaluation/teacher_forced.py)
 
 
 def report_stats(spec: Spec, found: dict) -> dict:
     """Per method: scores by seed, the 95% interval, and the paired differences to each baseline."""
     scores = {m: {s: cell_score(r) for s, r in runs.items() if cell_score(r) is not None} for m, runs in found.items()}
+    per_eval = {m: {s: per_eval_seed(r) or {None: cell_score(r)} for s, r in runs.items() if cell_score(r) is not None}
+                for m, runs in found.items()}
+    tf = {k: {m: {s: v for s, r in runs.items() if (v := teacher_forced_value(r, k)) is not None}
+              for m, runs in found.items()} for k in TF_METRICS}
     rows = {}
     for m in spec.methods:
         sc = scores.get(m) or {}
-        row = {"scores": sc, "interval": t_interval(list(sc.values())) if sc else None, "diff": {}, "extra": {}}
+        row = {"scores": sc, "interval": t_interval(list(sc.values())) if sc else None, "diff": {}, "extra": {},
+               "budget": {}, "tf": {k: tf[k].get(m) or {} for k in TF_METRICS}, "tf_diff": {},
+               "per_eval": per_eval.get(m) or {}}
+        for k in TF_METRICS:
+            row["tf"][k] = {"values": row["tf"][k], "interval": t_interval(list(row["tf"][k].values()))
+                            if row["tf"][k] else None}
         for b in spec.baselines:
             if b != m and scores.get(b):
                 row["diff"][b] = paired_difference(sc, scores[b]) if sc else None
+                row["budget"][b] = noise_budget(per_eval.get(m) or {}, per_eval.get(b) or {})
+                row["tf_diff"][b] = {k: paired_difference(tf[k].get(m) or {}, tf[k].get(b) or {})
+                                     if tf[k].get(m) else None for k in TF_METRICS}
         for col, read in EXTRA:
             vals = [v for v in (read(r) for r in (found.get(m) or {}).values()) if v is not None]
             row["extra"][col] = sum(vals) / len(vals) if vals else None
@@ -206,23 +237,23 @@ def machine() -> str:
             + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"))
 
 
-def _fmt_interval(iv: Interval | None) -> str:
+def _fmt_interval(iv: Interval | None, p: str = ".2f") -> str:
     if iv is None:
         return "—"
     if iv.n < 2:
-        return f"{iv.mean:.2f} (1 seed)"
-    return f"{iv.mean:.2f} ± {iv.half:.2f}"
+        return f"{iv.mean:{p}} (1 seed)"
+    return f"{iv.mean:{p}} ± {iv.half:{p}}"
 
 
-def _fmt_diff(iv: Interval | None) -> str:
+def _fmt_diff(iv: Interval | None, p: str = ".2f") -> str:
     if iv is None:
         return "—"
     if iv.n < 2:
-        return f"{iv.mean:+.2f} (1 pair)"
+        return f"{iv.mean:+{p}} (1 pair)"
     if iv.half == 0:
-        return f"{iv.mean:+.2f} (identical over {iv.n} pairs: no spread, no CI)"
+        return f"{iv.mean:+{p}} (identical over {iv.n} pairs: no spread, no CI)"
     mark = " **\\***" if iv.excludes_zero else ""
-    return f"{iv.mean:+.2f} [{iv.lo:+.2f}, {iv.hi:+.2f}]{mark}"
+    return f"{iv.mean:+{p}} [{iv.lo:+{p}}, {iv.hi:+{p}}]{mark}"
 
 
 def _fmt(v) -> str:
@@ -255,6 +286,7 @@ def to_markdown(spec: Spec, rows: dict, *, stamp: dict, notes: str = "") -> str:
         lines += ["", "What each step adds (the row minus the one before it, paired over training seeds, 95% CI):", "",
                   "| step | paired difference | seeds |", "| --- | --- | --- |"]
         lines += [f"| {b} − {a} | {_fmt_diff(iv)} | {iv.n if iv else 0} |" for b, a, iv in steps]
+    lines += _budget_section(spec, rows, diffs, steps) + _tf_section(rows, diffs)
     lines += ["", "Per-seed scores:", "", "| method | " + " | ".join(f"seed {s}" for s in spec.seeds) + " |",
               "| --- |" + " --- |" * len(spec.seeds)]
     for m, r in rows.items():
@@ -269,13 +301,40 @@ def to_markdown(spec: Spec, rows: dict, *, stamp: dict, notes: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _budget_section(spec: Spec, rows: dict, diffs: list, steps: list) -> list[str]:
+    pairs = [(m, b, r["budget"].get(b)) for b in diffs for m, r in rows.items() if b != m]
+    pairs += [(b, a, noise_budget(rows[b]["per_eval"], rows[a]["per_eval"])) for b, a, _ in steps]
+    if not any(nb is not None for _, _, nb in pairs):
+        return []
+    return ["", "Noise budget (ROUGE-L):", "", BUDGET_NOTE.format(t=TARGET_HALF, f=4.0), "",
+            *budget_markdown(pairs)]
+
+
+def _tf_section(rows: dict, diffs: list) -> list[str]:
+    if not any(r["tf"]["nll"]["interval"] for r in rows.values()):
+        return []
+    head = ["method", "NLL (95% CI)", "FKL (95% CI)"] + [f"− {b}: NLL / FKL (paired)" for b in diffs]
+    lines = ["", "Teacher-forced on the test references, deterministic (mgsr/evaluation/teacher_forced.py; nats "
+             "per token, lower is better; no evaluation noise, so every interval is training alone):", "",
+             "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for m, r in rows.items():
+        cells = [m] + [_fmt_interval(r["tf"][k]["interval"], ".3f") for k in TF_METRICS]
+        cells += ["" if b == m or b not in r["tf_diff"] else " / ".join(_fmt_diff(r["tf_diff"][b][k], ".3f")
+                                                                       for k in TF_METRICS) for b in diffs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_csv(spec: Spec, rows: dict, path: Path) -> None:
     diffs = spec.baselines
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "n_seeds", "rougeL_mean", "rougeL_ci95_half"]
                    + [f"diff_{b}_{k}" for b in diffs for k in ("mean", "lo", "hi", "excludes_zero")]
-                   + [f"seed_{s}" for s in spec.seeds] + [c for c, _ in EXTRA])
+                   + [f"seed_{s}" for s in spec.seeds] + [c for c, _ in EXTRA]
+                   + [f"diff_{b}_{k}" for b in diffs for k in ("mde80", "sd", "eval_share")]
+                   + [f"tf_{k}_{x}" for k in TF_METRICS for x in ("mean", "ci95_half")]
+                   + [f"diff_{b}_{k}_{x}" for b in diffs for k in TF_METRICS for x in ("mean", "lo", "hi")])
         for m, r in rows.items():
             iv = r["interval"]
             row = [m, len(r["scores"]), "" if iv is None else iv.mean, "" if iv is None else iv.half]
@@ -284,6 +343,16 @@ def write_csv(spec: Spec, rows: dict, path: Path) -> None:
                 row += ["", "", "", ""] if d is None else [d.mean, d.lo, d.hi, d.excludes_zero]
             row += [r["scores"].get(s, "") for s in spec.seeds]
             row += ["" if r["extra"][c] is None else r["extra"][c] for c, _ in EXTRA]
+            for b in diffs:
+                nb = r["budget"].get(b)
+                row += ["", "", ""] if nb is None else [nb.mde, nb.sd, nb.eval_share]
+            for k in TF_METRICS:
+                t = r["tf"][k]["interval"]
+                row += ["", ""] if t is None else [t.mean, t.half]
+            for b in diffs:
+                for k in TF_METRICS:
+                    d = (r["tf_diff"].get(b) or {}).get(k)
+                    row += ["", "", ""] if d is None else [d.mean, d.lo, d.hi]
             w.writerow(row)
 
 

@@ -69,6 +69,7 @@ class DistillModule(L.LightningModule):
         self.train_rng = StepRngStream()  # what the training steps draw (dropout): see StepRngStream
         self._val_scores: list[float] = []
         self.scrg_history = defaultdict(list)  # per-revision SCRG summaries, averaged into results.json
+        self.dac_history = defaultdict(list)  # per-step DAC-KL figures (kept classes, l, u, coverage), likewise
 
     # -- keep the teacher frozen whatever Lightning does to the train/eval mode ----------------------------
     def train(self, mode: bool = True):
@@ -149,6 +150,9 @@ class DistillModule(L.LightningModule):
             total = total + self.distill_weight * loss
             logs[f"{self.distill.group}/loss"] = float(loss.detach())
             logs.update({f"{self.distill.group}/{k}": v for k, v in parts.items()})
+            if self.distill.group == "dac" and self.training:
+                for k, v in parts.items():
+                    self.dac_history[k].append(v)
         if self.span is not None:
             loss, parts = self.span(t_logits, s_logits, mask, tokenizer=self.tokenizer,
                                     response_ids=seqs["input_ids"][:, P:])
@@ -322,6 +326,7 @@ class DistillModule(L.LightningModule):
         checkpoint["student_config"] = self.student.config.to_dict()
         checkpoint["rng"] = {**self.train_rng.state_dict(), "sample_gens": self.sample_gens.state_dict()}
         checkpoint["scrg_history"] = {k: list(v) for k, v in self.scrg_history.items()}  # results.json averages
+        checkpoint["dac_history"] = {k: list(v) for k, v in self.dac_history.items()}
         if self.sequences is not None:  # replay buffer, coin flips, schedule: what the next steps draw
             checkpoint["sequence_source"] = self.sequences.state_dict()
 
@@ -330,6 +335,7 @@ class DistillModule(L.LightningModule):
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if "scrg_history" in checkpoint:  # a resumed run reports SCRG statistics over the whole run
             self.scrg_history = defaultdict(list, {k: list(v) for k, v in checkpoint["scrg_history"].items()})
+        self.dac_history = defaultdict(list, {k: list(v) for k, v in checkpoint.get("dac_history", {}).items()})
         if self.sequences is not None:
             state = checkpoint.get("sequence_source")
             if state is None:  # written when a callback fed the sequences (ScrgCallback / ScheduledScrgCallback)

@@ -142,6 +142,8 @@ def fit_results(cfg: DictConfig, run_dir: Path, dm, trainer, module, cost, logge
     results["span_backend"] = span_backend(module)
     if getattr(module, "scrg_history", None):  # what SCRG did over training (e.g. corrected tokens per sequence)
         results["scrg"] = {k: sum(v) / len(v) for k, v in module.scrg_history.items() if v}
+    if getattr(module, "dac_history", None):  # what DAC-KL kept over training (classes per token, mean l and u)
+        results["dac"] = {k: sum(v) / len(v) for k, v in module.dac_history.items() if v}
     return results
 
 

@@ -76,12 +76,15 @@ def stage_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+PROGRESS_EVERY_S = 60.0  # at least one line a minute: the issue's bar for a non-interactive log
+
+
 class ProgressLog(L.Callback):
     """One log line per `every_s` seconds of training (and at the first step): step, loss, s/step, ETA. A cached
     stage runs for minutes with no other output in a non-interactive log; this says it is alive and when it ends."""
 
-    def __init__(self, what: str, every_s: float = 60.0):
-        self.what, self.every_s = what, every_s
+    def __init__(self, what: str, every_s: float | None = None):
+        self.what, self.every_s = what, PROGRESS_EVERY_S if every_s is None else every_s
         self.t0 = self.last = None
 
     def on_train_start(self, trainer, pl_module):

@@ -179,3 +179,42 @@ def test_compare_entry_point_quick_preset(tmp_path, cache_dir):
             assert res["name"] == m and res["seed"] == s
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "ran 0 cells, skipped 4 finished" in second.stderr + second.stdout
+
+
+def _cell(tmp, method, seed, per_eval: dict, nll: float, fkl: float):
+    d = tmp / "runs" / method / f"seed{seed}"
+    d.mkdir(parents=True)
+    mean = sum(per_eval.values()) / len(per_eval)
+    res = {"eval": {"per_seed": {"test": {str(j): {"rougeL": v} for j, v in per_eval.items()}},
+                    "summary": {"Average": {"rougeL": [mean, 0.0], "distinct_1": [0.2, 0], "distinct_2": [0.5, 0]}}},
+           "teacher_forced": {"test": {"nll": nll, "fkl": fkl, "tokens": 10, "records": 2}},
+           "dac": {"kept": 3.5, "lower_mean": 0.1, "upper_mean": 0.9}, "scrg": {"corrected_per_seq": 1.0}}
+    (d / "results.json").write_text(json.dumps(res))
+
+
+def test_report_has_the_noise_budget_and_the_teacher_forced_table(tmp_path):
+    # per-eval-seed differences e: [2, 3], [2, 1], [5, 3] (tests/test_noise_budget.py: sd sqrt(19/12), var_eval 0.5)
+    a = {0: {10: 3.0, 20: 5.0}, 1: {10: 4.0, 20: 4.0}, 2: {10: 6.0, 20: 5.0}}
+    b = {0: {10: 1.0, 20: 2.0}, 1: {10: 2.0, 20: 3.0}, 2: {10: 1.0, 20: 2.0}}
+    for s in range(3):
+        _cell(tmp_path, "variant", s, a[s], nll=1.0 + s, fkl=0.5)
+        _cell(tmp_path, "mgsr", s, b[s], nll=0.5 + s, fkl=0.25 + 0.1 * s)
+    spec = Spec(name="abl", methods={"mgsr": ["+experiment=mgsr"], "variant": ["x=1"]}, seeds=[0, 1, 2],
+                baselines=["mgsr"])
+    md = write_report(spec, tmp_path, name="report_x")["markdown"]
+    half = 4.302653 * math.sqrt(19 / 12) / math.sqrt(3)
+    mde = (4.302653 + 1.060660) * math.sqrt(19 / 12) / math.sqrt(3)
+    line = next(x for x in md.splitlines() if x.startswith("| variant − mgsr |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "3" and float(cells[2]) == pytest.approx(half, abs=0.005)
+    assert float(cells[3]) == pytest.approx(mde, abs=0.005)
+    assert float(cells[5]) == pytest.approx(math.sqrt(0.5), abs=0.005)  # eval sd
+    assert cells[7] == f"{100 * 0.5 / (19 / 12):.0f}%" and cells[8] == "27"
+    # teacher-forced: NLL differences are all +0.5 (no spread: no claim), FKL differences 0.25, 0.15, 0.05
+    tf = next(x for x in md.splitlines() if x.startswith("| variant | 2.000 ± "))
+    assert "+0.500 (identical over 3 pairs: no spread, no CI)" in tf
+    assert "+0.150 [-0.098, +0.398] |" in tf  # sd 0.1: 0.15 ± 4.302653 * 0.1 / sqrt(3)
+    rows = list(csv.DictReader((tmp_path / "report_x.csv").open()))
+    v = next(r for r in rows if r["method"] == "variant")
+    assert float(v["diff_mgsr_mde80"]) == pytest.approx(mde, rel=1e-6)
+    assert float(v["diff_mgsr_fkl_mean"]) == pytest.approx(0.15) and float(v["DAC kept/token"]) == 3.5

@@ -25,6 +25,7 @@ LAYERS = {
     "mgsr.evaluation": 1,  # the package's (empty) __init__; its modules are placed one by one
     "mgsr.evaluation.metrics": 1,
     "mgsr.evaluation.tables": 1,
+    "mgsr.noise_budget": 1,  # pure arithmetic of paired differences (reports use it)
     "mgsr.models": 2,
     "mgsr.prune": 2,
     "mgsr.sources": 2,
@@ -44,6 +45,7 @@ LAYERS = {
     "mgsr.evaluation.run": 5,
     "mgsr.evaluation.entry": 5,
     "mgsr.evaluation.exposure": 5,
+    "mgsr.evaluation.teacher_forced": 5,
     "mgsr.seqkd": 5,
     "mgsr.sft_stage": 5,  # trains a DistillModule (mgsr.module) for the cached teacher / student-init stages
     "mgsr.strategies": 5,
