@@ -1,4 +1,5 @@
-"""The table a sweep produces: one row per variant, mean ± std over training seeds.
+"""The table a sweep produces: one row per variant, mean ± std over training seeds, and each variant's paired
+difference to the reference variant with its 95% CI and noise budget (mgsr/paired_report.py).
 
     python -m mgsr.report multirun/ablation_loss_weights/2026-01-01_12-00-00      # writes report.* there
     python -m mgsr.report multirun/mgsr/<time> multirun/ablation_no_span/<time> --out reports/no_span
@@ -8,7 +9,8 @@ A run's *variant* is its command-line overrides minus `seed` and minus the overr
 (so `+experiment=...` and reduced-step settings drop out); with several experiment names the name leads.
 Each run's metric is already a mean over evaluation seeds; a variant's cell is the mean ± sample std of
 those run means over its training seeds (std 0 for a single seed). Writes `report.md`, `report.csv`,
-`report.png` (bars: Average ROUGE-L ± std) and, when the runs logged to W&B, a `wandb.Table` in the
+`report.png` (the paired differences to the reference with their CIs; bars of Average ROUGE-L ± std when
+there is a single variant) and, when the runs logged to W&B, a `wandb.Table` in the
 sweep's W&B group. After `python train.py -m ...` this runs by itself (`SweepReportCallback`).
 """
 
@@ -154,6 +156,9 @@ class Report:
     labels: dict          # column -> display label
     missing: list
     names: list           # experiment names of the runs
+    by_variant: dict = field(default_factory=dict)   # variant -> its runs' results.json (paired differences)
+    reference: str | None = None                     # the variant every other is paired against
+    reference_how: str = ""
 
 
 def _mean_std(values):
@@ -192,7 +197,27 @@ def build_report(dirs) -> Report:
     rows = {label: {c: _mean_std(v) for c, v in cols.items()} for label, cols in values.items()}
     extra = [k for k, _, _ in EXTRA_COLUMNS if any(rows[v].get(k) is not None for v in rows)]
     names = sorted({r.name for r in runs})
-    return Report(rows, seeds, run_dirs, eval_sets, header, rouge_cols, extra, col_labels, missing, names)
+    by_variant: dict[str, list[dict]] = {}
+    for r, label in zip(runs, labels):
+        by_variant.setdefault(label, []).append(r.results)
+    reference, how = reference_variant(runs, list(by_variant))
+    return Report(rows, seeds, run_dirs, eval_sets, header, rouge_cols, extra, col_labels, missing, names,
+                  by_variant, reference, how)
+
+
+def reference_variant(runs: list[Run], variants: list[str]) -> tuple[str | None, str]:
+    """The variant to pair against: the experiment's `sweep_reference` (from a run's config.yaml) when it names
+    one of the variants, else the first variant. None with a single variant (nothing to pair)."""
+    if len(variants) < 2:
+        return None, ""
+    for r in runs:
+        cfg_path = r.dir / "config.yaml"
+        if cfg_path.is_file():
+            declared = (yaml.safe_load(cfg_path.read_text()) or {}).get("sweep_reference")
+            if declared is not None and str(declared) in variants:
+                return str(declared), "the experiment's sweep_reference: MGSR itself"
+            break
+    return variants[0], "the first variant; an experiment names its own with `sweep_reference`"
 
 
 def to_markdown(rep: Report, title: str) -> str:
@@ -206,6 +231,11 @@ def to_markdown(rep: Report, title: str) -> str:
     if rep.extra_columns:
         lines += ["## Diversity, exposure bias, training cost", "",
                   comparison_table(rep.rows, rep.extra_columns, row_label=rep.header, label_overrides=rep.labels)]
+    if rep.reference is not None:
+        from mgsr.paired_report import paired_markdown, paired_rows
+
+        lines += [*paired_markdown(paired_rows(rep.by_variant, rep.reference), rep.reference, how=rep.reference_how),
+                  ""]
     lines += ["## Runs", "", f"| {rep.header} | seeds | run folders |", "| --- | --- | --- |"]
     lines += [f"| {v} | {', '.join(map(str, rep.seeds[v]))} | {', '.join(rep.run_dirs[v])} |" for v in rep.rows]
     if rep.missing:
@@ -300,7 +330,12 @@ def write_report(dirs, out_dir=None, *, wandb_mode: str = "auto") -> dict:
     paths["md"].write_text(md)
     csv_rows = {v: {**cells, "n_seeds": float(len(rep.seeds[v]))} for v, cells in rep.rows.items()}
     write_csv(csv_rows, ["n_seeds"] + rep.rouge_columns + rep.extra_columns, paths["csv"], row_label=rep.header)
-    bar_chart(rep, paths["png"], title)
+    if rep.reference is not None:  # an ablation is read as differences to its reference, with intervals
+        from mgsr.paired_report import forest_plot, paired_rows
+
+        forest_plot(paired_rows(rep.by_variant, rep.reference), rep.reference, paths["png"], title)
+    else:
+        bar_chart(rep, paths["png"], title)
     if wandb_mode != "off":
         settings = _wandb_settings([d for ds in rep.run_dirs.values() for d in ds])
         if wandb_mode in ("online", "offline"):

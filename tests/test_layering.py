@@ -51,6 +51,7 @@ LAYERS = {
     "mgsr.strategies": 5,
     "mgsr.report": 5,
     "mgsr.compare": 5,
+    "mgsr.paired_report": 5,
     "mgsr.docs_tables": 5,
     "mgsr.pipeline": 6,
 }

@@ -231,3 +231,36 @@ def test_measure_exposure_bias_on_tiny_models():
     assert out["R"][0] != pytest.approx(out["eps"][0], rel=1e-6)
     same = measure_exposure_bias(teacher, teacher, _CharTokenizer(), records, n_prompts=5, max_new_tokens=20)
     assert same["exacc_err"] == 0.0  # R = eps = 0
+
+
+def test_sweep_report_pairs_every_variant_with_the_declared_reference(tmp_path):
+    """`python train.py -m +experiment=ablation_no_scrg seed=0,1,2` read as an ablation: the variant minus the
+    experiment's `sweep_reference` (MGSR), paired by training seed, with its CI and noise budget."""
+    root = tmp_path / "multirun" / "ablation_no_scrg" / "t"
+    per_eval = {"1": {0: (30.0, 32.0), 1: (31.0, 31.0), 2: (35.0, 33.0)},   # rounds=1: MGSR
+                "0": {0: (28.0, 29.0), 1: (29.0, 30.0), 2: (30.0, 30.0)}}   # rounds=0: e = [2,3], [2,1], [5,3]
+    num = 0
+    for seed in (0, 1, 2):
+        for rounds, scores in per_eval.items():
+            res = _results("ablation_no_scrg", seed, sum(scores[seed]) / 2)
+            res["eval"]["per_seed"] = {"test": {"10": {"rougeL": scores[seed][0]}, "20": {"rougeL": scores[seed][1]}}}
+            res["teacher_forced"] = {"test": {"nll": 1.0 + 0.1 * seed + (0.2 if rounds == "0" else 0.0), "fkl": 0.5}}
+            d = _job(root, num, res, ["+experiment=ablation_no_scrg", f"scrg.rounds={rounds}", f"seed={seed}"])
+            (d / "config.yaml").write_text(yaml.safe_dump({"sweep_reference": "1", "name": "ablation_no_scrg"}))
+            num += 1
+    out = write_report([root], wandb_mode="off")
+    md = out["paths"]["md"].read_text()
+    assert "## Paired differences to `1`" in md and "sweep_reference" in md
+    # d = [2.5, 1.5, 4.0] (MGSR - variant), so variant - MGSR = -8/3; sd sqrt(19/12); t(0.975, 2) = 4.302653
+    half = 4.302653 * (19 / 12) ** 0.5 / 3 ** 0.5
+    line = next(x for x in md.splitlines() if x.startswith("| 0 | 3 |"))
+    assert f"| {-8 / 3:+.2f} [{-8 / 3 - half:+.2f}, {-8 / 3 + half:+.2f}] |" in line  # includes 0: no mark
+    assert "+0.200 (identical over 3 pairs: no spread, no CI)" in line  # NLL: the same +0.2 at every seed
+    budget = next(x for x in md.splitlines() if x.startswith("| 0 − 1 |"))
+    assert f"| {0.5 ** 0.5:.2f} |" in budget  # the decoding-noise sd of one paired difference: sqrt(0.5)
+    assert out["paths"]["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_a_declared_reference_the_first_variant_is_it(sweep):
+    rep = build_report([sweep])
+    assert rep.reference == "dac1_span0" and "first variant" in rep.reference_how
