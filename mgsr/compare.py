@@ -271,7 +271,8 @@ def to_markdown(spec: Spec, rows: dict, *, stamp: dict, notes: str = "") -> str:
     head = ["method", "seeds", "ROUGE-L (95% CI)"] + [f"− {b} (paired, 95% CI)" for b in diffs] + [c for c, _ in EXTRA]
     lines = [f"# Comparison `{spec.name}`", "",
              f"commit `{stamp['commit']}` · config `{stamp['config_hash']}` · {stamp['machine']} · "
-             f"wall time {stamp['wall_time']} · {stamp['date']}", "",
+             f"wall time {stamp['wall_time']} · {stamp['date']} · span rule: {stamp.get('span', 'unrecorded')} · "
+             f"evaluated: {stamp.get('evaluated', 'unrecorded')}", "",
              "Test ROUGE-L: each cell averaged over the evaluation seeds, then mean ± 95% t-interval half-width "
              "over training seeds. Paired differences use the seeds both methods have; **\\*** marks an interval "
              "that excludes 0 (any other difference is no measurable difference).", "",
@@ -381,6 +382,22 @@ def bar_chart(spec: Spec, rows: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _evaluated(r: dict) -> str:
+    if r.get("eval_only"):
+        return "reference model"
+    ev = r.get("evaluated")
+    return "unrecorded" if not ev else f"{ev['selection']} (step {ev['step']})"
+
+
+def _tally(found: dict, read) -> str:
+    """'a (3 cells), b (1 cell)': what the cells recorded, so a report says what decided it (e.g. the span rule)."""
+    counts: dict[str, int] = {}
+    for runs in found.values():
+        for r in runs.values():
+            counts[read(r)] = counts.get(read(r), 0) + 1
+    return ", ".join(f"{k} ({n} cell{'s' if n != 1 else ''})" for k, n in sorted(counts.items())) or "no cells"
+
+
 def write_report(spec: Spec, out: Path, *, wall_time_s: float | None = None, notes: str = "",
                  name: str = "report") -> dict:
     """<out>/<name>.md, .csv, .png and <out>/stamp.json (<name>.stamp.json for another name): several presets
@@ -390,7 +407,9 @@ def write_report(spec: Spec, out: Path, *, wall_time_s: float | None = None, not
     if wall_time_s is None:  # the cells' processes, summed (what the comparison cost on this machine)
         wall_time_s = wall_time(spec, out)
     stamp = {"commit": git_commit(), "config_hash": spec.config_hash(), "machine": machine(),
-             "wall_time": f"{wall_time_s / 60:.1f} min", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+             "wall_time": f"{wall_time_s / 60:.1f} min", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "span": _tally(found, lambda r: (r.get("span_backend") or {}).get("backend", "unrecorded")),
+             "evaluated": _tally(found, _evaluated)}
     md = to_markdown(spec, rows, stamp=stamp, notes=notes)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"{name}.md", "csv": out / f"{name}.csv", "png": out / f"{name}.png"}

@@ -189,6 +189,8 @@ def _cell(tmp, method, seed, per_eval: dict, nll: float, fkl: float):
                     "summary": {"Average": {"rougeL": [mean, 0.0], "distinct_1": [0.2, 0], "distinct_2": [0.5, 0]}}},
            "teacher_forced": {"test": {"nll": nll, "fkl": fkl, "tokens": 10, "records": 2}},
            "dac": {"kept": 3.5, "lower_mean": 0.1, "upper_mean": 0.9}, "scrg": {"corrected_per_seq": 1.0}}
+    if method == "mgsr":
+        res |= {"span_backend": {"backend": "nltk"}, "evaluated": {"selection": "end of training", "step": 600}}
     (d / "results.json").write_text(json.dumps(res))
 
 
@@ -202,6 +204,8 @@ def test_report_has_the_noise_budget_and_the_teacher_forced_table(tmp_path):
     spec = Spec(name="abl", methods={"mgsr": ["+experiment=mgsr"], "variant": ["x=1"]}, seeds=[0, 1, 2],
                 baselines=["mgsr"])
     md = write_report(spec, tmp_path, name="report_x")["markdown"]
+    assert ("· span rule: nltk (3 cells), unrecorded (3 cells) · evaluated: end of training (step 600) (3 cells), "
+            "unrecorded (3 cells)") in md.splitlines()[2]  # the stamp line, which docs_tables copies
     half = 4.302653 * math.sqrt(19 / 12) / math.sqrt(3)
     mde = (4.302653 + 1.060660) * math.sqrt(19 / 12) / math.sqrt(3)
     line = next(x for x in md.splitlines() if x.startswith("| variant − mgsr |"))
