@@ -287,7 +287,7 @@ def to_markdown(spec: Spec, rows: dict, *, stamp: dict, notes: str = "") -> str:
         lines += ["", "What each step adds (the row minus the one before it, paired over training seeds, 95% CI):", "",
                   "| step | paired difference | seeds |", "| --- | --- | --- |"]
         lines += [f"| {b} − {a} | {_fmt_diff(iv)} | {iv.n if iv else 0} |" for b, a, iv in steps]
-    lines += _budget_section(spec, rows, diffs, steps) + _tf_section(rows, diffs)
+    lines += _findings_section(rows, diffs) + _budget_section(spec, rows, diffs, steps) + _tf_section(rows, diffs)
     lines += ["", "Per-seed scores:", "", "| method | " + " | ".join(f"seed {s}" for s in spec.seeds) + " |",
               "| --- |" + " --- |" * len(spec.seeds)]
     for m, r in rows.items():
@@ -300,6 +300,31 @@ def to_markdown(spec: Spec, rows: dict, *, stamp: dict, notes: str = "") -> str:
     if notes:
         lines += ["", notes]
     return "\n".join(lines) + "\n"
+
+
+def _reading(iv: Interval | None, lower_is_better: bool = False) -> str:
+    if iv is None or iv.n < 2 or not iv.excludes_zero:
+        return "no measurable difference"
+    better = (iv.hi < 0) if lower_is_better else (iv.lo > 0)
+    return "measurably better" if better else "measurably worse"
+
+
+def _findings_section(rows: dict, diffs: list) -> list[str]:
+    """Each method against the first baseline, read out whatever the sign (README copies this table)."""
+    if not diffs:
+        return []
+    b = diffs[0]
+    found = [(m, r) for m, r in rows.items() if m != b and r["diff"].get(b) is not None]
+    if not found:
+        return []
+    lines = ["", f"What the table says against `{b}` (paired over training seeds, 95% CI; ROUGE-L higher is better, "
+             "teacher-forced FKL lower is better):", "",
+             f"| method | ROUGE-L − {b} | reading | FKL − {b} | reading |", "| --- | --- | --- | --- | --- |"]
+    for m, r in found:
+        d, f = r["diff"][b], (r["tf_diff"].get(b) or {}).get("fkl")
+        lines.append(f"| {m} | {_fmt_diff(d)} | {_reading(d)} | {_fmt_diff(f, '.3f')} | "
+                     f"{_reading(f, lower_is_better=True) if f is not None else '—'} |")
+    return lines
 
 
 def _budget_section(spec: Spec, rows: dict, diffs: list, steps: list) -> list[str]:

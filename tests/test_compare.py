@@ -37,6 +37,16 @@ def test_t_interval_excludes_zero_only_when_it_does():
     assert one.n == 1 and math.isnan(one.half) and not one.excludes_zero
 
 
+def test_readings_follow_the_interval_and_the_metric_direction():
+    from mgsr.compare import _reading
+
+    up, down, zero = t_interval([2.0, 2.5, 3.0]), t_interval([-2.0, -2.5, -3.0]), t_interval([-1.0, 1.0, 0.5])
+    assert (_reading(up), _reading(down), _reading(zero)) == ("measurably better", "measurably worse",
+                                                               "no measurable difference")
+    assert _reading(down, lower_is_better=True) == "measurably better"  # e.g. FKL went down
+    assert _reading(t_interval([5.0])) == "no measurable difference"  # one seed: no claim
+
+
 def test_identical_values_make_no_claim():
     """Seeds that changed nothing give a 0-wide interval: that is no evidence, so no mark and no bracket."""
     from mgsr.compare import _fmt_diff
@@ -218,6 +228,8 @@ def test_report_has_the_noise_budget_and_the_teacher_forced_table(tmp_path):
     tf = next(x for x in md.splitlines() if x.startswith("| variant | 2.000 ± "))
     assert "+0.500 (identical over 3 pairs: no spread, no CI)" in tf
     assert "+0.150 [-0.098, +0.398] |" in tf  # sd 0.1: 0.15 ± 4.302653 * 0.1 / sqrt(3)
+    finding = next(x for x in md.splitlines() if x.startswith("| variant | +2.67 ["))
+    assert finding.endswith("| no measurable difference | +0.150 [-0.098, +0.398] | no measurable difference |")
     rows = list(csv.DictReader((tmp_path / "report_x.csv").open()))
     v = next(r for r in rows if r["method"] == "variant")
     assert float(v["diff_mgsr_mde80"]) == pytest.approx(mde, rel=1e-6)
