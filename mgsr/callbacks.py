@@ -1,11 +1,15 @@
-"""Lightning callbacks: run-level timing / memory figures (where sequences come from: mgsr/sequences.py)."""
+"""Lightning callbacks: run-level timing / memory figures, progress lines for non-interactive logs (where
+sequences come from: mgsr/sequences.py)."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import lightning as L
 import torch
+
+log = logging.getLogger("mgsr")
 
 
 class CostCallback(L.Callback):
@@ -41,3 +45,31 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+PROGRESS_EVERY_S = 60.0  # at least one line a minute in a non-interactive log
+
+
+class ProgressLog(L.Callback):
+    """One log line per `every_s` seconds of training (and at the first step): step, loss, s/step, ETA. A cached
+    stage runs for minutes with no other output in a non-interactive log; this says it is alive and when it ends."""
+
+    def __init__(self, what: str, every_s: float | None = None):
+        self.what, self.every_s = what, PROGRESS_EVERY_S if every_s is None else every_s
+        self.t0 = self.last = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.t0 = time.perf_counter()
+        self.last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self.last is not None and now - self.last < self.every_s:
+            return
+        self.last = now
+        step, total = trainer.global_step, trainer.max_steps
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        per_step = (now - self.t0) / max(step, 1)
+        log.info("%s: step %d/%d, loss %.4f, %.2f s/step, ETA %s", self.what, step, total,
+                 float(loss) if loss is not None else float("nan"), per_step,
+                 time.strftime("%M:%S", time.gmtime(per_step * max(total - step, 0))) if total > 0 else "?")

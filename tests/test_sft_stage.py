@@ -28,9 +28,9 @@ def tok_dm():
 
 
 def test_progress_is_logged_with_step_loss_and_eta(tmp_path, tok_dm, caplog, monkeypatch):
-    import mgsr.sft_stage as stage
+    import mgsr.callbacks as callbacks
 
-    monkeypatch.setattr(stage, "PROGRESS_EVERY_S", 0.0)  # a line per step, so a 3-step stage shows them all
+    monkeypatch.setattr(callbacks, "PROGRESS_EVERY_S", 0.0)  # a line per step, so a 3-step stage shows them all
     caplog.set_level(logging.INFO, logger="mgsr")
     tok, dm = tok_dm
     fine_tune_cached(tmp_path / "stage", lambda: build_from_config(ARCH, tok), tok, dm, max_steps=3, lr=1e-3, seed=0,

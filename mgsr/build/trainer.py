@@ -108,6 +108,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
                                      save_top_k=1, save_last=False, enable_version_counter=False))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
+    else:  # a non-interactive log (compare's cells, SLURM) still gets a line a minute: step, loss, ETA
+        from mgsr.callbacks import ProgressLog
+
+        callbacks.append(ProgressLog(str(cfg.get("name") or "train")))
     kwargs = {k: v for k, v in to_container(cfg.trainer).items() if not k.startswith("_")}
     if isinstance(kwargs.get("strategy"), dict):  # FSDP / DeepSpeed / DDP objects (mgsr/strategies.py)
         from mgsr.strategies import build_strategy, strategy_callbacks
