@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 from conftest import REPO, compose_train
+from omegaconf import OmegaConf
 
 from mgsr.build.validate import validate
 from mgsr.compare import Spec
