@@ -21,7 +21,7 @@ from common import REPO
 
 DEFAULT_COST = {"testbed start": "bench/results/step_cost_grid_testbed.json",
                 "random init": "bench/results/step_cost_grid.json"}
-DEFAULT_QUALITY = ["results/testbed/report_step_cost.csv", "results/testbed/report.csv"]
+DEFAULT_QUALITY = ["results/testbed_v1/report_step_cost.csv", "results/testbed_v1/report.csv"]
 BASELINES = ["kd", "sft", "gkd", "distillm", "abkd", "taid", "minillm"]
 
 
