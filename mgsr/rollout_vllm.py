@@ -21,6 +21,7 @@ explicit KV-cache size (otherwise it reserves 90% of RAM), and no thread pinning
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -62,14 +63,16 @@ class VllmEngine:
         from vllm import LLM
 
         self._dir = tempfile.TemporaryDirectory(prefix="mgsr-vllm-")
-        student.config.save_pretrained(self._dir.name)  # architecture only: the weights come through sync()
+        config = copy.deepcopy(student.config)  # architecture only: the weights come through sync()
+        config.architectures = [type(student).__name__]  # a model built from config has none: vLLM would guess
+        config.save_pretrained(self._dir.name)
         set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it process-wide; training needs it back
         threads = torch.get_num_threads()
         kw = {"kv_cache_memory_bytes": int(kv_cache_mb) << 20}
         if torch.cuda.is_available():
             kw = {"gpu_memory_utilization": gpu_memory_utilization}
         try:
-            self.llm = LLM(model=self._dir.name, skip_tokenizer_init=True, load_format="dummy", enforce_eager=True,
+            self.llm = LLM(model=self._dir.name, runner="generate", skip_tokenizer_init=True, load_format="dummy", enforce_eager=True,
                            dtype=dtype, seed=seed, enable_prefix_caching=prefix_caching,
                            max_model_len=int(student.config.max_position_embeddings), **kw)
         finally:
