@@ -22,9 +22,11 @@ explicit KV-cache size (otherwise it reserves 90% of RAM), and no thread pinning
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import tempfile
+import weakref
 
 import torch
 
@@ -50,8 +52,20 @@ def check_sampling(cfg: SamplingConfig) -> None:
                          "equivalent here; training rollouts use 0 (use rollout.engine=hf for the n-gram ban)")
 
 
+_SHARED: dict = {}
+
+
+def shared_engine(student, **settings) -> VllmEngine:
+    """The process's engine for this architecture and settings, started once. vLLM keeps process-wide state: a
+    second engine works only while the first lives, and a collected one leaves the next unable to start."""
+    key = json.dumps([student.config.to_dict(), settings], sort_keys=True, default=str)
+    if key not in _SHARED:
+        _SHARED[key] = VllmEngine(student, **settings)
+    return _SHARED[key]
+
+
 class VllmEngine:
-    """One vLLM engine holding a copy of the student. `settings`: conf/train.yaml's `rollout.vllm`."""
+    """One vLLM engine holding a copy of a student. `settings`: conf/train.yaml's `rollout.vllm`."""
 
     def __init__(self, student, *, seed: int = 0, kv_cache_mb: int = 256, prefix_caching: bool = True,
                  dtype: str = "float32", gpu_memory_utilization: float = 0.3):
@@ -78,19 +92,19 @@ class VllmEngine:
         finally:
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
-        self.version = None
+        self.version, self._holds = None, lambda: None  # which student's weights, at which version
 
     # -- weights ---------------------------------------------------------------------------------------------
     def sync(self, student, version=None) -> bool:
-        """Push the student's weights (skipped when `version` is the last pushed one); True when pushed."""
-        if version is not None and version == self.version:
+        """Push the student's weights, unless this student's `version` is the one pushed last; True when pushed."""
+        if version is not None and version == self.version and self._holds() is student:
             return False
         weights = {name: p.detach() for name, p in student.named_parameters()}
         out = student.get_output_embeddings()
         if out is not None and "lm_head.weight" not in weights:  # tied: named_parameters lists it once
             weights["lm_head.weight"] = out.weight.detach()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
-        self.version = version
+        self.version, self._holds = version, weakref.ref(student)
         return True
 
     # -- decoding --------------------------------------------------------------------------------------------

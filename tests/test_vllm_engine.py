@@ -56,7 +56,7 @@ def setup():
     from mgsr.data.synthetic import make_synthetic_splits, synthetic_corpus
     from mgsr.data.tokenizer import build_tokenizer
     from mgsr.models import build_from_config
-    from mgsr.rollout_vllm import VllmEngine
+    from mgsr.rollout_vllm import shared_engine
 
     torch.set_num_threads(1)
     records = make_synthetic_splits(0, 200, 0, 6)
@@ -67,7 +67,7 @@ def setup():
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-    engine = VllmEngine(student, seed=0, kv_cache_mb=64)
+    engine = shared_engine(student, seed=0, kv_cache_mb=64)
     engine.sync(student, version=0)
     return {"tok": tok, "student": student, "teacher": teacher, "ids": ids, "mask": mask, "engine": engine}
 

@@ -44,10 +44,10 @@ def rollout_engine_factory(cfg: DictConfig):
     rollout = cfg.get("rollout")
     if rollout is None or rollout.engine == "hf":
         return None
-    from mgsr.rollout_vllm import VllmEngine
+    from mgsr.rollout_vllm import shared_engine
 
     settings = to_container(rollout.vllm)
-    return lambda student: VllmEngine(student, seed=int(cfg.seed), **settings)
+    return lambda student: shared_engine(student, seed=int(cfg.seed), **settings)
 
 
 def uses_student_sequences(cfg: DictConfig) -> bool:
