@@ -31,7 +31,7 @@ fi
 
 if [ $DRY -eq 1 ]; then
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_real_table.XXXXXX")
-    DEST=$WORK/real_smollm2 NAME=gpu_real_table_dryrun LIMIT=600 JSON_DIR=${OUT:-bench/results}
+    DEST=$WORK/real_smollm2 NAME=gpu_real_table_dryrun LIMIT=${GPU_REAL_TABLE_LIMIT_S:-900} JSON_DIR=${OUT:-bench/results}
     ARGS=("seeds=[0]")
     OVERRIDES='["trainer=cpu","trainer.precision=bf16-mixed","trainer.max_epochs=-1","trainer.max_steps=2",
 "trainer.val_check_interval=2","checkpoint.every_n_train_steps=2","model.teacher_sft.max_steps=2",
@@ -54,9 +54,14 @@ dest, out, status, wall = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 rows = list(csv.DictReader(open(dest / "report.csv"))) if (dest / "report.csv").is_file() else []
 out.write_text(json.dumps({"compare_exit": status, "wall_s": wall, "report": str(dest / "report.md"), "rows": rows},
                           indent=2))
+def num(v, fmt):
+    try:
+        return format(float(v), fmt)
+    except (TypeError, ValueError):  # a cell the time limit cut off has no score yet
+        return "-"
 print("| method | seeds | ROUGE-L | s/step |\n| --- | --- | --- | --- |")
 for r in rows:
-    print(f"| {r['method']} | {r['n_seeds']} | {float(r['rougeL_mean']):.2f} | {r.get('s/step') or '-'} |")
+    print(f"| {r['method']} | {r['n_seeds']} | {num(r['rougeL_mean'], '.2f')} | {num(r.get('s/step'), '.3g')} |")
 print(f"gpu_real_table: compare exit {status}, {wall} s; report {dest / 'report.md'}; wrote {out}")
-sys.exit(0 if status == 0 and rows else 1)
+sys.exit(0 if status == 0 and rows and all(num(r["rougeL_mean"], "f") != "-" for r in rows) else 1)
 EOF
