@@ -116,20 +116,26 @@ def test_scrg_revision_under_greedy_is_identical_to_hf(setup):
 
 @needs_vllm
 def test_sync_makes_the_engine_follow_a_changed_student(setup):
+    """As in training: one student object whose weights change in place, a version per optimiser step."""
+    import copy
+
     from mgsr.generation import SamplingConfig
     from mgsr.models import build_from_config
 
     s = setup
     engine, greedy = s["engine"], SamplingConfig(max_new_tokens=16, greedy=True)
-    changed = build_from_config(ARCH, s["tok"], seed=7).eval()
     kw = dict(eos_id=s["tok"].eos_token_id, pad_id=s["tok"].pad_token_id)
+    student = copy.deepcopy(s["student"])
+    changed = build_from_config(ARCH, s["tok"], seed=7).eval()
     try:
-        assert not engine.sync(changed, version=0)  # the same version: nothing pushed
-        stale = _rows(engine.generate(None, s["ids"], s["mask"], greedy, **kw))
-        assert stale == _rows(_hf_greedy(s, s["student"]))
-        assert engine.sync(changed, version=1)
-        assert _rows(engine.generate(None, s["ids"], s["mask"], greedy, **kw)) == _rows(_hf_greedy(s, changed))
-        assert stale != _rows(_hf_greedy(s, changed))
+        assert engine.sync(student, version=5)  # another student object: pushed
+        assert not engine.sync(student, version=5)  # the same student and version: nothing pushed
+        before = _rows(engine.generate(None, s["ids"], s["mask"], greedy, **kw))
+        assert before == _rows(_hf_greedy(s, s["student"]))
+        student.load_state_dict(changed.state_dict())  # "an optimiser step"
+        assert engine.sync(student, version=6)
+        after = _rows(engine.generate(None, s["ids"], s["mask"], greedy, **kw))
+        assert after == _rows(_hf_greedy(s, changed)) and after != before
     finally:
         engine.sync(s["student"], version=0)
 
