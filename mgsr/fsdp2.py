@@ -22,7 +22,6 @@ import functools
 import logging
 from pathlib import Path
 
-import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from mgsr.fsdp2_checkpoint import METADATA, load_sharded
