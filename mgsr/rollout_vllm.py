@@ -123,6 +123,8 @@ class VllmEngine:
         device = generator.device if generator is not None else "cpu"
         seeds = torch.randint(0, 2**31 - 1, (len(prefixes),), generator=generator, device=device).tolist()
         todo = [i for i, b in enumerate(budgets) if b > 0]
+        if not todo:  # e.g. an SCRG round that found nothing to correct
+            return [[] for _ in prefixes]
         outs = self.llm.generate([{"prompt_token_ids": prefixes[i]} for i in todo],
                                  [self._params(cfg, budgets[i], seeds[i], eos_id) for i in todo], use_tqdm=False)
         new = [[] for _ in prefixes]

@@ -115,6 +115,19 @@ def test_scrg_revision_under_greedy_is_identical_to_hf(setup):
 
 
 @needs_vllm
+def test_regeneration_with_no_active_row_returns_the_rows_unchanged(setup):
+    from mgsr.generation import SamplingConfig
+
+    s = setup
+    kw = dict(eos_id=s["tok"].eos_token_id, pad_id=s["tok"].pad_token_id)
+    seqs = _hf_greedy(s, s["student"])
+    n = len(s["ids"])
+    out = s["engine"].continue_generation(None, seqs, torch.full((n,), 3), SamplingConfig(max_new_tokens=16),
+                                          active=torch.zeros(n, dtype=torch.bool), **kw)
+    assert _rows(out) == _rows(seqs)
+
+
+@needs_vllm
 def test_sync_makes_the_engine_follow_a_changed_student(setup):
     """As in training: one student object whose weights change in place, a version per optimiser step."""
     import copy
