@@ -11,7 +11,7 @@ column P, EOS included, pad after). What differs, and why:
   step) moved, so replay steps push nothing. `lm_head.weight` is always pushed, tied or not: without it vLLM keeps
   its old head (a warning, not an error).
 - Re-generation: the kept prefix (prompt + response up to the splice) is a new prompt; vLLM's prefix cache reuses
-  the KV blocks of the scoring rollout's prompt (whole blocks only).
+  the rollout's KV blocks (whole blocks only: `block_size` 32, the smallest the CPU attention takes, 128 by default).
 - Not here: `no_repeat_ngram_size` (evaluation's setting; training rollouts use 0), MiniLLM's teacher-mixed
   sampler and the teacher's scoring (they stay on the HF models).
 
@@ -68,7 +68,7 @@ class VllmEngine:
     """One vLLM engine holding a copy of a student. `settings`: conf/train.yaml's `rollout.vllm`."""
 
     def __init__(self, student, *, seed: int = 0, kv_cache_mb: int = 256, prefix_caching: bool = True,
-                 dtype: str = "float32", gpu_memory_utilization: float = 0.3):
+                 block_size: int = 32, dtype: str = "float32", gpu_memory_utilization: float = 0.3):
         missing = vllm_missing()
         if missing:
             raise ImportError(missing)
@@ -87,7 +87,8 @@ class VllmEngine:
             kw = {"gpu_memory_utilization": gpu_memory_utilization}
         try:
             self.llm = LLM(model=self._dir.name, runner="generate", skip_tokenizer_init=True, load_format="dummy", enforce_eager=True,
-                           dtype=dtype, seed=seed, enable_prefix_caching=prefix_caching,
+                           dtype=dtype, seed=seed, enable_prefix_caching=prefix_caching, block_size=block_size,
+                           disable_log_stats=False,  # the prefix-cache counters (prefix_cache()); no log lines
                            max_model_len=int(student.config.max_position_embeddings), **kw)
         finally:
             torch.set_num_threads = set_threads
@@ -106,6 +107,11 @@ class VllmEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
         self.version, self._holds = version, weakref.ref(student)
         return True
+
+    def prefix_cache(self) -> dict[str, int]:
+        """Prompt tokens looked up in the prefix cache and found there, since the engine started."""
+        found = {m.name: int(getattr(m, "value", 0)) for m in self.llm.get_metrics()}
+        return {"queries": found.get("vllm:prefix_cache_queries", 0), "hits": found.get("vllm:prefix_cache_hits", 0)}
 
     # -- decoding --------------------------------------------------------------------------------------------
     def _params(self, cfg: SamplingConfig, max_tokens: int, seed: int, eos_id: int):

@@ -4,7 +4,8 @@ Needs the optional extra (requirements-vllm.txt, its own environment: .ci/run bu
 without vLLM only the missing-extra error line is tested and the rest skips. Tiny random-init GPT-2 students
 (head size 32: vLLM's CPU attention has no kernel for 16):
 - greedy rollouts are token-identical to `mgsr.generation.generate`;
-- one SCRG round under greedy decoding revises to the same sequences as the HF engine;
+- two SCRG rounds under greedy decoding revise to the same sequences as the HF engine, re-generating from
+  the prefix cache;
 - after `sync` the engine follows a changed student exactly (and did not before it);
 - sampled rows use per-row seeds from the run's generator: the same generator state gives the same tokens, and
   a row's tokens do not depend on the other rows of the batch;
@@ -99,19 +100,25 @@ def test_greedy_rollouts_are_token_identical_to_hf(setup):
 @needs_vllm
 def test_scrg_revision_under_greedy_is_identical_to_hf(setup):
     from mgsr.generation import SamplingConfig
-    from mgsr.scrg import RevisionStats, ScrgConfig, rollout_and_revise
+    from mgsr.scrg import RevisionStats, ScrgConfig, revise_once, rollout_and_revise
 
     s = setup
     kw = dict(eos_id=s["tok"].eos_token_id, pad_id=s["tok"].pad_token_id)
-    outs, stats = [], []
-    for engine in (None, s["engine"]):
-        st = RevisionStats()
-        outs.append(rollout_and_revise(s["teacher"], s["student"], s["ids"], s["mask"], ScrgConfig(rounds=2),
-                                       SamplingConfig(max_new_tokens=16, greedy=True), stats=st, engine=engine,
-                                       generator=torch.Generator().manual_seed(0), **kw))
-        stats.append(st.summary())
-    assert _rows(outs[1]) == _rows(outs[0])
-    assert stats[1] == stats[0] and stats[0]["unchanged_share"] < 1.0  # rows were revised, the same way
+    cfg, greedy = ScrgConfig(rounds=2), SamplingConfig(max_new_tokens=16, greedy=True)
+    hf_stats = RevisionStats()
+    hf = rollout_and_revise(s["teacher"], s["student"], s["ids"], s["mask"], cfg, greedy, stats=hf_stats, **kw)
+    # the same two rounds through the engine, step by step, to count the prefix-cache hits of re-generation alone
+    engine, vl_stats = s["engine"], RevisionStats()
+    vl = engine.generate(s["student"], s["ids"], s["mask"], greedy, generator=torch.Generator().manual_seed(0), **kw)
+    before = engine.prefix_cache()
+    for _ in range(cfg.rounds):
+        vl = revise_once(s["teacher"], s["student"], vl, cfg, greedy, stats=vl_stats, engine=engine,
+                         generator=torch.Generator().manual_seed(0), **kw)
+    after = engine.prefix_cache()
+    assert _rows(vl) == _rows(hf)
+    assert vl_stats.summary() == hf_stats.summary() and hf_stats.summary()["unchanged_share"] < 1.0  # revised alike
+    # re-generation prompts (prompt + kept response) found whole 32-token blocks the rollout had cached
+    assert after["hits"] - before["hits"] >= 32, (before, after)
 
 
 @needs_vllm
