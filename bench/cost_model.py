@@ -43,6 +43,10 @@ Steps (per optimiser step; n = `every_n` = scrg.every_n_steps, k = `rollout_batc
 - DistiLLM = the rollout on a share `distillm_fresh` (0.5: the mean of 1 - t/T over a run) of steps, replay
   otherwise, + the skew-KL loss.
 - MiniLLM (rough): mixed teacher/student sampling (both decode every token) every step + the loss forwards.
+- MGSR with `rollout.engine=vllm` (`mgsr_vllm`): the same FLOPs and bytes; rollout and re-generation decode with
+  vLLM's per-step and per-layer overheads (30 us, 2 us: CUDA graphs, no Python per token), plus a weight sync per
+  rollout (the student's bf16 weights read and written once) and a re-prefill of the kept response (vLLM's prefix
+  cache reuses whole prompt blocks only).
 
 Defaults: mfu 0.5 (compute efficiency of dense bf16 matmuls), bw_eff 0.8 (of peak HBM bandwidth), weights and
 activations in bf16 (2 bytes: the student's fp32 master weights are cast once per step, not per decode step).
@@ -165,6 +169,9 @@ class Workload:
     loss_passes_mgsr: float = 12.0
     gkd_student_prob: float = 1.0
     distillm_fresh: float = 0.5
+    # rollout.engine=vllm: per decode step (the whole batch) and per layer call; CUDA graphs + a C++ sampler
+    vllm_decode_step_overhead_s: float = 30e-6
+    vllm_layer_overhead_s: float = 2e-6
 
 
 def forward(m: Arch, w: Workload, rows: int, q: int, c: int = 0) -> tuple[float, float]:
@@ -245,9 +252,14 @@ def step(method: str, pair: str, w: Workload, dev: Device) -> list[tuple[str, di
     gold = w.gold_len if w.gold_len is not None else T
     if method == "kd":
         return loss_phases(teacher, student, trainable, w, dev, P + gold, gold, w.loss_passes_kd, "KD")
-    if method == "mgsr":
+    if method in ("mgsr", "mgsr_vllm"):
         rows, per = w.batch * w.rollout_batches, 1.0 / (w.every_n * w.rollout_batches)
-        phases = rollout_phases(student, w, dev, rows, per)
+        gen_dev = dev if method == "mgsr" else replace(dev, decode_step_overhead_s=w.vllm_decode_step_overhead_s,
+                                                       layer_overhead_s=w.vllm_layer_overhead_s)
+        phases = rollout_phases(student, w, gen_dev, rows, per)
+        if method == "mgsr_vllm":  # the student's weights into the engine once per rollout: read + write, bf16
+            W = student.matmul_params * w.weight_bytes
+            phases.append(("vLLM weight sync", scale(dense(dev, 0.0, 2.0 * W, 0, 0), per)))
         for r in range(w.scrg_rounds):
             tf, tb = forward(teacher, w, rows, P + T)
             sf, sb = forward(student, w, rows, P + T)
@@ -255,8 +267,11 @@ def step(method: str, pair: str, w: Workload, dev: Device) -> list[tuple[str, di
             phases += [
                 (f"SCRG {r + 1}: teacher score", scale(dense(dev, tf, tb, 1, teacher.n_layer), per)),
                 (f"SCRG {r + 1}: student score", scale(dense(dev, sf, sb, 1, student.n_layer), per)),
-                (f"SCRG {r + 1}: re-generate", scale(decode(student, w, rows, P + T - n_regen, n_regen, dev), per)),
+                (f"SCRG {r + 1}: re-generate", scale(decode(student, w, rows, P + T - n_regen, n_regen, gen_dev), per)),
             ]
+            if method == "mgsr_vllm":  # the kept response is a new prompt: prefix caching covers the prompt only
+                kf, kb = forward(student, w, rows, T - n_regen, P)
+                phases.append((f"SCRG {r + 1}: vLLM re-prefill", scale(dense(gen_dev, kf, kb, 1, student.n_layer), per)))
         return phases + loss_phases(teacher, student, trainable, w, dev, P + T, T, w.loss_passes_mgsr, "loss")
     if method in ("gkd", "distillm", "minillm"):
         share = {"gkd": w.gkd_student_prob, "distillm": w.distillm_fresh, "minillm": 1.0}[method]
@@ -280,7 +295,8 @@ PEERS = {"distillm": 2.05, "gkd": 3.2, "minillm": 6.9}
 
 
 def predict(pair: str, w: Workload, dev: Device) -> dict:
-    steps = {m: with_step_overhead(step(m, pair, w, dev), dev) for m in ("kd", "mgsr", "gkd", "distillm", "minillm")}
+    steps = {m: with_step_overhead(step(m, pair, w, dev), dev)
+             for m in ("kd", "mgsr", "mgsr_vllm", "gkd", "distillm", "minillm")}
     kd = total_ms(steps["kd"])
     return {"pair": pair, "device": asdict(dev), "workload": asdict(w),
             "phases": {m: [{"phase": n, **p} for n, p in ph] for m, ph in steps.items()},
@@ -394,7 +410,7 @@ def main() -> None:
         print(table(phase_rows(pred, m), ["phase", "GFLOP", "GB", "compute_ms", "memory_ms", "overhead_ms", "ms",
                                            "bound"]))
     rows = [{"method": m, "step_ms": pred["step_ms"][m], "x_kd": pred["x_kd"][m], "peer_quoted_x_kd": PEERS.get(m)}
-            for m in ("kd", "mgsr", "gkd", "distillm", "minillm")]
+            for m in ("kd", "mgsr", "mgsr_vllm", "gkd", "distillm", "minillm")]
     print("\nstep time as a multiple of KD (peer_quoted: third-party figures from issue 13, their own workload):")
     print(table(rows, ["method", "step_ms", "x_kd", "peer_quoted_x_kd"]))
     print(f"\nMGSR/KD = {pred['x_kd']['mgsr']:.2f}")

@@ -3,6 +3,7 @@ full generation of the same length.
 
     python bench/step_cost.py                  # tiny default models (conf/model/tiny.yaml), batch 8, CPU
     python bench/step_cost.py --rounds 2 --steps 4 --methods kd mgsr
+    python bench/step_cost.py --engine vllm --methods kd mgsr      # + mgsr_vllm: rollouts on vLLM (its venv)
 
 Each method is a real Lightning step (training_step, backward, optimiser step, and the sequence callback's
 rollouts/revision for the methods that use student data), composed from the same Hydra configs as train.py.
@@ -88,6 +89,11 @@ GRID = {name: ([f"scrg.rollout_batches={k}", f"scrg.every_n_steps={n}"],
                f"MGSR, rollouts {k} batches ahead, fresh every {n} steps (amortised over {k * n})")
         for name, (k, n) in GRID_SETTINGS.items()}
 METHODS |= GRID
+# --engine vllm: the same settings with student rollouts and SCRG re-generation on vLLM (mgsr/rollout_vllm.py),
+# timed beside their HF rows; the engine starts in the untimed warm-up step (one per process, shared)
+VLLM = {f"{m}_vllm": ([*METHODS[m][0], "rollout.engine=vllm"], METHODS[m][1].split(":")[0] + ", rollouts on vLLM")
+        for m in ("mgsr_rounds0", "mgsr", "mgsr_every4")}
+METHODS |= VLLM
 
 
 def steps_for(method: str, steps: int) -> int:
@@ -317,7 +323,10 @@ def testbed_start(args, n_batches: int = 8):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in GRID], choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in GRID and m not in VLLM],
+                   choices=list(METHODS))
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="vllm: also time each rollout method with rollouts on vLLM (needs requirements-vllm.txt)")
     p.add_argument("--grid", action="store_true", help="also every rollout_batches x every_n_steps setting")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="timed steps per method per round (multiple of 4)")
@@ -352,6 +361,12 @@ def main() -> None:
         TRAINER.update(precision="bf16-mixed")
     if args.grid:
         args.methods = [*args.methods, *[m for m in GRID if m not in args.methods]]
+    if args.engine == "vllm":
+        from mgsr.rollout_vllm import vllm_missing
+
+        if vllm_missing():
+            p.error(vllm_missing())
+        args.methods = [*args.methods, *[f"{m}_vllm" for m in args.methods if f"{m}_vllm" in VLLM]]
     if "kd" not in args.methods:
         args.methods = ["kd", *args.methods]
     L.seed_everything(0, verbose=False)

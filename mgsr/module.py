@@ -46,7 +46,8 @@ class DistillModule(L.LightningModule):
     def __init__(self, student, tokenizer, *, teacher=None, sft_weight: float = 1.0, distill=None,
                  distill_weight: float = 1.0, span=None, span_weight: float = 1.0, scrg: ScrgConfig | None = None,
                  train_sampling: SamplingConfig | None = None, val_sampling: SamplingConfig | None = None,
-                 optim: dict | None = None, val_generate: int = 64, seed: int = 0, sequences=None):
+                 optim: dict | None = None, val_generate: int = 64, seed: int = 0, sequences=None,
+                 rollout_engine=None):
         super().__init__()
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         if teacher is not None:
@@ -64,6 +65,9 @@ class DistillModule(L.LightningModule):
         self.val_generate, self.seed = val_generate, seed
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.sequences = sequences  # SequenceSource | None (the gold batch every step)
+        # student -> engine for rollouts and SCRG re-generation (mgsr/rollout_vllm.py), built at the first rollout;
+        # None: the HF student samples
+        self.rollout_engine_factory, self._rollout_engine = rollout_engine, None
         self.timing = defaultdict(float)
         self.sample_gens = DeviceGenerators(seed)  # rollouts / SCRG sampling, one generator per device
         self.train_rng = StepRngStream()  # what the training steps draw (dropout): see StepRngStream
@@ -102,7 +106,7 @@ class DistillModule(L.LightningModule):
                 seqs = rollout_and_revise(
                     self.teacher, self.student, batch["prompt_ids"], batch["prompt_attention_mask"], self.scrg,
                     self.train_sampling, eos_id=self.eos_id, pad_id=self.pad_id, generator=self.sample_gen,
-                    stats=stats,
+                    stats=stats, engine=self.rollout_engine(),
                 )
         finally:
             self.student.train(was_training)
@@ -110,6 +114,15 @@ class DistillModule(L.LightningModule):
             self.log(f"scrg/{k}", v, on_step=True, batch_size=batch["input_ids"].shape[0])
             self.scrg_history[k].append(v)
         return seqs
+
+    def rollout_engine(self):
+        """The rollout engine holding this step's student weights (pushed once per optimiser step); None: HF."""
+        if self.rollout_engine_factory is None:
+            return None
+        if self._rollout_engine is None:
+            self._rollout_engine = self.rollout_engine_factory(self.student)
+        self._rollout_engine.sync(self.student, version=self.global_step)
+        return self._rollout_engine
 
     def distillation_sequences(self, batch: dict) -> dict | None:
         """This step's sequences from the source (None: the gold batch)."""

@@ -127,12 +127,13 @@ def pick_corrections(div: torch.Tensor, candidates: torch.Tensor, cfg: ScrgConfi
 
 @torch.no_grad()
 def revise_once(teacher, student, seqs: dict, cfg: ScrgConfig, sampling: SamplingConfig, *, eos_id: int,
-                pad_id: int, generator=None, stats: RevisionStats | None = None) -> dict:
-    """One SCRG round on canonical-layout `seqs`; returns the revised sequences (same layout)."""
+                pad_id: int, generator=None, stats: RevisionStats | None = None, engine=None) -> dict:
+    """One SCRG round on canonical-layout `seqs`; returns the revised sequences (same layout). `engine`: None
+    re-generates with the HF student (continue_generation), else with the engine's (mgsr/rollout_vllm.py)."""
     P = seqs["prompt_len"]
     resp = seqs["input_ids"][:, P:]
     resp_mask = seqs["response_mask"][:, P:]
-    t_logits, s_logits, cache = score(teacher, student, seqs)
+    t_logits, s_logits, cache = score(teacher, student, seqs, student_cache=engine is None)
     if cfg.teacher_token == "argmax":
         y_t = t_logits.argmax(-1)
     else:
@@ -151,7 +152,8 @@ def revise_once(teacher, student, seqs: dict, cfg: ScrgConfig, sampling: Samplin
     keep = torch.where(active, last + 1, resp_mask.sum(-1))
     # Cache is exact up to the first changed token; later spliced tokens are fed through the model.
     cache_valid = torch.where(active, first, keep)
-    out = continue_generation(student, spliced, keep, sampling, eos_id=eos_id, pad_id=pad_id, cache=cache,
+    regenerate = continue_generation if engine is None else engine.continue_generation
+    out = regenerate(student, spliced, keep, sampling, eos_id=eos_id, pad_id=pad_id, cache=cache,
                               cache_valid=cache_valid, active=active, generator=generator)
 
     if stats is not None:
@@ -171,10 +173,12 @@ def revise_once(teacher, student, seqs: dict, cfg: ScrgConfig, sampling: Samplin
 
 @torch.no_grad()
 def rollout_and_revise(teacher, student, prompt_ids, prompt_mask, cfg: ScrgConfig, sampling: SamplingConfig, *,
-                       eos_id: int, pad_id: int, generator=None, stats: RevisionStats | None = None) -> dict:
-    """Student rollout, then `cfg.rounds` SCRG rounds. Returns the distillation sequences."""
-    seqs = generate(student, prompt_ids, prompt_mask, sampling, eos_id=eos_id, pad_id=pad_id, generator=generator)
+                       eos_id: int, pad_id: int, generator=None, stats: RevisionStats | None = None,
+                       engine=None) -> dict:
+    """Student rollout, then `cfg.rounds` SCRG rounds. Returns the distillation sequences. `engine` (None: the
+    HF student) samples the rollout and the re-generations; scoring always uses the HF teacher and student."""
+    seqs = (generate if engine is None else engine.generate)(student, prompt_ids, prompt_mask, sampling, eos_id=eos_id, pad_id=pad_id, generator=generator)
     for _ in range(cfg.rounds):
         seqs = revise_once(teacher, student, seqs, cfg, sampling, eos_id=eos_id, pad_id=pad_id,
-                           generator=generator, stats=stats)
+                           generator=generator, stats=stats, engine=engine)
     return seqs

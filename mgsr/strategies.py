@@ -16,6 +16,9 @@ FSDP (Lightning's `FSDPStrategy`, torch FSDP1, `use_orig_params=True`):
   rollout (one full copy of teacher + student per rank while it runs, freed after). `layer` instead relies
   on each FSDP unit's own forward all-gather (less memory, one all-gather per unit per decoding step).
   Validation generation runs inside the wrapped forward and needs neither.
+FSDP2 (`trainer=fsdp2`, mgsr/fsdp2.py): torch `fully_shard` under Lightning's ModelParallelStrategy; runs on CPU
+(gloo) and GPUs, so it is the sharding preset that CI runs. FSDP1 and DeepSpeed stay GPU-only (Lightning refuses
+them on a CPU accelerator; DeepSpeed is not installed in CI): their configs are composed and built in tests.
 DeepSpeed ZeRO-3 partitions parameters too: rollouts are wrapped in `deepspeed.zero.GatheredParameters`
 (untested here: DeepSpeed is not installed in CI). ZeRO-2 and DDP keep whole parameters on every rank.
 """
@@ -72,6 +75,8 @@ def build_strategy(spec: dict, pl_module=None):
     """Instantiate `trainer.strategy` (a dict with `_target_`). FSDP: resolve `auto_wrap_policy` /
     `activation_checkpointing_policy` class names against `pl_module`, and place the teacher per `teacher`."""
     spec = dict(spec)
+    if str(spec.get("_target_", "")).endswith("FSDP2Strategy"):
+        return _build_fsdp2(spec, pl_module)
     ours = {k: spec.pop(k) for k in OUR_KEYS if k in spec}
     objects = {}  # python objects (classes, modules) go in as kwargs: a config node cannot hold them
     if str(spec.get("_target_", "")).endswith("FSDPStrategy"):
@@ -93,6 +98,20 @@ def build_strategy(spec: dict, pl_module=None):
             raise ValueError(f"trainer.strategy.rollout_gather={ours['rollout_gather']!r}: choose full or layer")
         pl_module.rollout_gather = ours["rollout_gather"]
     return instantiate(spec, **objects)
+
+
+def _build_fsdp2(spec: dict, pl_module):
+    """FSDP2 (mgsr/fsdp2.py): `shard_classes` names -> classes; the teacher's placement goes to the strategy."""
+    from mgsr.fsdp2 import FSDP2Strategy
+
+    if pl_module is None:
+        raise ValueError("the FSDP2 strategy needs the module to resolve its shard classes")
+    FSDP2Strategy.check(**spec)
+    spec.pop("rollout_gather", None)  # always "full" (checked above)
+    models = [pl_module.student, getattr(pl_module, "teacher", None)]
+    classes = resolve_module_classes(spec.pop("shard_classes", "auto"), models)
+    log.info("FSDP2 shard classes: %s", sorted(c.__name__ for c in classes))
+    return instantiate(spec, shard_classes=classes)
 
 
 class ReplicatedTeacherToDevice(L.Callback):

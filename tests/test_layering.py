@@ -31,6 +31,8 @@ LAYERS = {
     "mgsr.sources": 2,
     "mgsr.generation": 2,
     "mgsr.sharding": 2,
+    "mgsr.fsdp2_checkpoint": 2,  # sharded checkpoints: read by the recipe (resume, export) and the strategy
+    "mgsr.rollout_vllm": 2,  # the vLLM engine behind generate / continue_generation
     "mgsr.rng": 2,
     "mgsr.losses.*": 3,
     "mgsr.spans": 3,
@@ -49,6 +51,7 @@ LAYERS = {
     "mgsr.seqkd": 5,
     "mgsr.sft_stage": 5,  # trains a DistillModule (mgsr.module) for the cached teacher / student-init stages
     "mgsr.strategies": 5,
+    "mgsr.fsdp2": 5,
     "mgsr.report": 5,
     "mgsr.compare": 5,
     "mgsr.paired_report": 5,

@@ -35,7 +35,19 @@ def build_module(cfg: DictConfig, student, teacher, tokenizer, dm=None) -> Disti
         optim=to_container(cfg.optim), val_generate=cfg.val_generate, seed=cfg.seed,
         sequences=build_sequence_source(cfg.scrg, cfg.seed, instantiate=instantiate, prompts=training_prompts(cfg, dm))
         if uses_student_sequences(cfg) else None,
+        rollout_engine=rollout_engine_factory(cfg),
     )
+
+
+def rollout_engine_factory(cfg: DictConfig):
+    """student -> the rollout engine of `rollout.engine` (None: the HF student samples)."""
+    rollout = cfg.get("rollout")
+    if rollout is None or rollout.engine == "hf":
+        return None
+    from mgsr.rollout_vllm import shared_engine
+
+    settings = to_container(rollout.vllm)
+    return lambda student: shared_engine(student, seed=int(cfg.seed), **settings)
 
 
 def uses_student_sequences(cfg: DictConfig) -> bool:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from mgsr.build.data import build_datamodule, data_identity
 from mgsr.build.trainer import best_checkpoint, last_checkpoint
 from mgsr.config import to_container
+from mgsr.fsdp2_checkpoint import is_sharded_checkpoint, load_student_state
 from mgsr.models import build_from_config, load_model, trim_vocab
 from mgsr.prune import prune_layers
 from mgsr.sft_stage import fine_tune_cached, stable_hash, tokenizer_digest
@@ -89,6 +90,9 @@ def trained_student(cfg: DictConfig, tokenizer, trainer, module, student, teache
         best = best or last_checkpoint(trainer)
         if not best:
             log.warning("sharded strategy and no checkpoint: the trained student cannot be exported")
+    if best and Path(best).is_dir() and is_sharded_checkpoint(best):  # FSDP2: shards, read back whole here
+        student.load_state_dict(load_student_state(best))
+        return student, teacher, best
     if best and Path(best).is_dir():  # DeepSpeed writes a directory of shards: not loadable here
         log.warning("checkpoint %s is a DeepSpeed directory; convert it with lightning.pytorch.utilities.deepspeed."
                     "convert_zero_checkpoint_to_fp32_state_dict and evaluate that (not loaded here)", best)

@@ -129,15 +129,22 @@ def resume_checkpoint(ckpt_path, run_dir: Path) -> str | None:
     if ckpt_path is None:
         return None
     if ckpt_path != "last":
-        if not Path(os.path.expanduser(str(ckpt_path))).is_file():
+        if not _is_checkpoint(Path(os.path.expanduser(str(ckpt_path)))):
             raise ConfigError(f"ckpt_path={ckpt_path}: no checkpoint there (use a .ckpt file, or 'last' for this run dir's)")
         return str(ckpt_path)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if ckpt.is_file():
+    if _is_checkpoint(ckpt):
         return str(ckpt)
     log.warning("ckpt_path=last: no checkpoint at %s, so training starts FROM SCRATCH; to resume a killed run, set "
                 "hydra.run.dir to that run's directory (this run's is %s)", ckpt, run_dir)
     return None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded one (FSDP2: a directory whose metadata file rank 0 writes last)."""
+    from mgsr.fsdp2_checkpoint import is_sharded_checkpoint
+
+    return path.is_file() or is_sharded_checkpoint(path)
 
 
 def best_checkpoint(trainer) -> str | None:

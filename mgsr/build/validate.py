@@ -95,12 +95,39 @@ def validate(cfg: DictConfig) -> None:
     if data.get("prompt_format", "alpaca") not in PROMPT_FORMATS:
         raise ConfigError(f"data.prompt_format={data.prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}")
 
+    _check_rollout(cfg)
     tr = cfg.trainer
+    if OmegaConf.is_dict(tr.get("strategy")) and tr.strategy.get("_target_"):  # e.g. FSDP2Strategy.check
+        check_loss_node(tr.strategy, "trainer.strategy")
     strategy = str(tr.get("strategy", "auto"))
     if strategy.startswith("fsdp") and tr.get("accelerator") == "cpu" and int(tr.get("devices", 1)) < 2 \
             and not os.environ.get("WORLD_SIZE"):
         raise ConfigError("trainer.strategy=fsdp on CPU needs a process group: set trainer.devices>=2 "
                           "(gloo) or launch with torchrun")
+
+
+def _check_rollout(cfg: DictConfig) -> None:
+    """`rollout.engine`: hf, or vllm with the extra installed, one training process and no n-gram ban."""
+    rollout = cfg.get("rollout")
+    engine = "hf" if rollout is None else rollout.get("engine", "hf")
+    if engine not in ("hf", "vllm"):
+        raise ConfigError(f"rollout.engine={engine!r}: choose hf or vllm")
+    if engine == "hf":
+        return
+    from mgsr.generation import SamplingConfig
+    from mgsr.rollout_vllm import check_sampling, vllm_missing
+
+    missing = vllm_missing()
+    if missing:
+        raise ConfigError(missing)
+    try:
+        check_sampling(SamplingConfig(**to_container(cfg.scrg.sampling)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    devices = cfg.trainer.get("devices", 1)
+    if (isinstance(devices, int) and devices != 1) or os.environ.get("WORLD_SIZE", "1") != "1":
+        raise ConfigError("rollout.engine=vllm runs one in-process engine beside one training process: set "
+                          "trainer.devices=1 (with FSDP2/DDP each rank would need its own engine; not built yet)")
 
 
 def _check_prune(cfg: DictConfig) -> None:
@@ -118,7 +145,7 @@ def _check_prune(cfg: DictConfig) -> None:
 
 
 def check_loss_node(node, where: str) -> None:
-    """A loss option (`_target_` + parameters) checked by its own class's static `check` (mgsr/objectives.py),
+    """A loss option or strategy (`_target_` + parameters) checked by its own class's static `check` (mgsr/objectives.py),
     the rule the constructor applies, without building it."""
     from hydra.utils import get_class
 
@@ -138,6 +165,7 @@ def check_loss_node(node, where: str) -> None:
 def _check_switches(cfg: DictConfig, weights: dict) -> None:
     """Named options and ranges that ScrgConfig and SamplingConfig would otherwise reject only after the teacher
     has loaded."""
+    from mgsr.fsdp2_checkpoint import is_sharded_checkpoint
     from mgsr.generation import SamplingConfig
     from mgsr.scrg import ScrgConfig
 
@@ -154,5 +182,6 @@ def _check_switches(cfg: DictConfig, weights: dict) -> None:
         raise ConfigError(f"scrg.student_prob={s.student_prob}: must be in [0, 1]")
 
     ckpt = cfg.get("ckpt_path")
-    if ckpt not in (None, "last") and not Path(os.path.expanduser(str(ckpt))).is_file():
+    if ckpt not in (None, "last") and not Path(os.path.expanduser(str(ckpt))).is_file() \
+            and not is_sharded_checkpoint(os.path.expanduser(str(ckpt))):
         raise ConfigError(f"ckpt_path={ckpt}: no checkpoint there (use a .ckpt file, or 'last' for this run dir's)")
