@@ -1,23 +1,25 @@
-"""DistillModule: wires a frozen teacher, a student and the loss objects. No math of its own.
+"""DistillModule: wires a frozen teacher, a student and the objectives. No math of its own.
 
-    L = w_sft * L_SFT(gold) + w_distill * L_distill(distillation sequences) + w_span * L_span(same)
+    L = w_sft * L_SFT(gold) + w_distill * L_distill(distillation sequences) + w_span * L_span(same) [+ extra terms]
 
 Each step asks its `SequenceSource` (mgsr/sequences.py) for the distillation sequences: SCRG-revised student
-rollouts, a replay batch, or None for the gold batch; without a source (KD) they are always the gold batch.
+rollouts, a replay batch, or None for the gold batch; without a source (KD) they are always the gold batch. The
+distillation and span objectives are `Objective`s (mgsr/losses/objective.py): the module runs teacher and student on
+the sequences, hands each objective one `StepContext`, and calls its hooks (per-step state, an extra LM batch,
+parameter groups) the same way whatever the objective is. The learning-rate schedule is the recipe's (`lr_schedule`).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
+from functools import partial
 
 import lightning as L
 import torch
 
 from mgsr.evaluation.metrics import rouge_l_per_example
 from mgsr.generation import (
-    RESPONSE_EXTRAS,
     SamplingConfig,
     generate,
     generate_mixed,
@@ -25,7 +27,9 @@ from mgsr.generation import (
     response_logits,
 )
 from mgsr.losses.divergences import align_vocab
+from mgsr.losses.objective import LmBatch, LmContext, Objective, StepContext
 from mgsr.losses.sft import sft_loss
+from mgsr.lr_schedule import warmup_cosine
 from mgsr.models import shared_vocab_size
 from mgsr.rng import DeviceGenerators, StepRngStream
 from mgsr.scrg import RevisionStats, ScrgConfig, rollout_and_revise
@@ -47,7 +51,11 @@ class DistillModule(L.LightningModule):
                  distill_weight: float = 1.0, span=None, span_weight: float = 1.0, scrg: ScrgConfig | None = None,
                  train_sampling: SamplingConfig | None = None, val_sampling: SamplingConfig | None = None,
                  optim: dict | None = None, val_generate: int = 64, seed: int = 0, sequences=None,
-                 rollout_engine=None):
+                 rollout_engine=None, lr_schedule=None):
+        """`distill`, `span`: `Objective`s (mgsr/objectives.py); `optim`: AdamW settings (DEFAULT_OPTIM's keys);
+        `lr_schedule`: `(optimizer, total_steps) -> scheduler`, stepped every optimiser step (None: `warmup_cosine`
+        with `optim`'s warmup_steps and min_lr, what the recipe passes too); `rollout_engine`: `student -> engine`
+        for student rollouts (mgsr/rollout_vllm.py; None: the HF student samples)."""
         super().__init__()
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         if teacher is not None:
@@ -62,6 +70,8 @@ class DistillModule(L.LightningModule):
         self.train_sampling = train_sampling or SamplingConfig()
         self.val_sampling = val_sampling or SamplingConfig()
         self.optim = {**DEFAULT_OPTIM, **(optim or {})}
+        self.lr_schedule = lr_schedule or partial(warmup_cosine, warmup_steps=self.optim["warmup_steps"],
+                                                  min_lr=self.optim["min_lr"])
         self.val_generate, self.seed = val_generate, seed
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.sequences = sequences  # SequenceSource | None (the gold batch every step)
@@ -96,7 +106,7 @@ class DistillModule(L.LightningModule):
         stats = RevisionStats()
         try:
             with gathered_for_generation(self):  # FSDP / ZeRO-3: outside forward, parameters are sharded
-                if self.scrg.sampler == "teacher_mix" or getattr(self.distill, "needs_sequences", False):
+                if self.scrg.sampler == "teacher_mix" or (self.distill is not None and self.distill.rollout_logprobs):
                     # MiniLLM: tokens from mix p + (1 - mix) q with the behaviour log-probs (mix 0: the student)
                     mix = float(self.scrg.mix) if self.scrg.sampler == "teacher_mix" else 0.0
                     return generate_mixed(self.teacher, self.student, batch["prompt_ids"],
@@ -144,61 +154,55 @@ class DistillModule(L.LightningModule):
         return int(t.max_steps) if t.max_steps and t.max_steps > 0 else int(t.estimated_stepping_batches)
 
     # -- training -------------------------------------------------------------------------------------------
-    def _distill_terms(self, seqs: dict, student_logits=None) -> tuple[torch.Tensor, dict]:
+    @property
+    def objectives(self) -> list[Objective]:
+        """The objectives in use, in the order their terms are added: distillation, then span."""
+        return [o for o in (self.distill, self.span) if o is not None]
+
+    def step_context(self, seqs: dict, batch: dict, student_logits=None) -> StepContext:
+        """Teacher and student on the response columns of `seqs` (`student_logits`: the student's, when the caller
+        has them already), cut to the shared vocabulary, with what else an objective may read."""
         P = seqs["prompt_len"]
         mask = seqs["response_mask"][:, P:]
         with torch.no_grad():
             t_logits = response_logits(self.teacher, seqs)
         s_logits = response_logits(self.student, seqs) if student_logits is None else student_logits
         t_logits, s_logits = align_vocab(t_logits, s_logits, self.vocab)
-        total, logs = s_logits.new_zeros(()).float(), {}
-        if self.distill is not None:
-            if getattr(self.distill, "needs_sequences", False):  # MiniLLM: the rollout's tokens and log-probs
-                R = mask.shape[1]
-                extra = {k: seqs[k][:, :R] for k in RESPONSE_EXTRAS if k in seqs}
-                loss, parts = self.distill(t_logits, s_logits, mask,
-                                           seqs={"tokens": seqs["input_ids"][:, P:P + R], **extra})
-            else:
-                loss, parts = self.distill(t_logits, s_logits, mask)
-            total = total + self.distill_weight * loss
-            logs[f"{self.distill.group}/loss"] = float(loss.detach())
-            logs.update({f"{self.distill.group}/{k}": v for k, v in parts.items()})
-            if self.distill.group == "dac" and self.training:
+        return StepContext(teacher_logits=t_logits, student_logits=s_logits, mask=mask,
+                           response_ids=seqs["input_ids"][:, P:], seqs=seqs, batch=batch, step=self.global_step,
+                           tokenizer=self.tokenizer, trainer=self._trainer)
+
+    def objective_terms(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        """w_distill * L_distill + w_span * L_span on one context, and their logs (`<group>/loss`, `<group>/<key>`)."""
+        total, logs = ctx.student_logits.new_zeros(()).float(), {}
+        for objective, weight in ((self.distill, self.distill_weight), (self.span, self.span_weight)):
+            if objective is None:
+                continue
+            loss, parts = objective.losses(ctx)
+            total = total + weight * loss
+            logs[f"{objective.group}/loss"] = float(loss.detach())
+            logs.update({f"{objective.group}/{k}": v for k, v in parts.items()})
+            if objective is self.distill and objective.group == "dac" and self.training:
                 for k, v in parts.items():
                     self.dac_history[k].append(v)
-        if self.span is not None:
-            loss, parts = self.span(t_logits, s_logits, mask, tokenizer=self.tokenizer,
-                                    response_ids=seqs["input_ids"][:, P:])
-            total = total + self.span_weight * loss
-            logs["span/loss"] = float(loss.detach())
-            logs.update({f"span/{k}": v for k, v in parts.items()})
         return total, logs
 
-    def lm_batch(self, batch: dict) -> dict:
-        """The language-modelling text of this step: `lm_data` (a JSONL of texts, served in order by step) or, by
-        default, the gold batch (prompt + response) as plain text."""
-        path = getattr(self.distill, "lm_data", None)
-        if not path:
-            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if getattr(self, "_lm_text", None) is None:
-            from mgsr.data.lm_text import LmText
-            self._lm_text = LmText(path, self.tokenizer, max_len=self.distill.lm_max_len)
-        ids, attn = self._lm_text.batch(self.global_step, batch["input_ids"].shape[0], pad_id=self.pad_id)
-        return {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
+    def _distill_terms(self, seqs: dict, student_logits=None) -> tuple[torch.Tensor, dict]:
+        """`objective_terms` on `seqs` taken as the step's gold batch too."""
+        return self.objective_terms(self.step_context(seqs, seqs, student_logits))
 
-    def _lm_terms(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """MiniLLM's `pt_loss` on `lm_batch`: every real next token is a target (plain LM text)."""
-        lm = self.lm_batch(batch)
-        ids, attn = lm["input_ids"], lm["attention_mask"].long()
+    def extra_terms(self, objective: Objective, lm: LmBatch) -> tuple[torch.Tensor, dict]:
+        """The student (and the teacher, if asked) on an objective's extra LM batch, then its `extra_losses`."""
+        ids, attn = lm.input_ids, lm.attention_mask.long()
         kw = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
         s_logits = self.student(**kw).logits[:, :-1]
         t_logits = None
-        if self.distill.kd_ratio is not None:
+        if lm.with_teacher:
             with torch.no_grad():
                 t_logits = self.teacher(**kw).logits[:, :-1]
             t_logits, s_logits = align_vocab(t_logits, s_logits, self.vocab)
         mask = attn[:, 1:].bool() & attn[:, :-1].bool()
-        return self.distill.lm_terms(s_logits, ids[:, 1:], mask, t_logits)
+        return objective.extra_losses(LmContext(s_logits, t_logits, ids[:, 1:], mask))
 
     def training_step(self, batch, batch_idx):
         bsz = batch["input_ids"].shape[0]
@@ -210,25 +214,25 @@ class DistillModule(L.LightningModule):
             l_sft = sft_loss(gold_logits, batch["input_ids"][:, P:], batch["response_mask"][:, P:])
             total = total + self.sft_weight * l_sft
             logs["train/sft"] = float(l_sft.detach())
-        if self.distill is not None or self.span is not None:
+        if self.objectives:
             seqs = self.distillation_sequences(batch)
             if seqs is None:  # teacher-forced on the gold response: re-use the student forward above
                 seqs = batch
             else:
                 gold_logits = None
                 seqs = _batch_to(seqs, self.device)
-            l_distill, parts = self._distill_terms(seqs, gold_logits if seqs is batch else None)
+            ctx = self.step_context(seqs, batch, gold_logits if seqs is batch else None)
+            l_distill, parts = self.objective_terms(ctx)
             total = total + l_distill
-            if hasattr(self.distill, "on_train_step"):  # a stateful objective (TAID's t): once per micro-batch
-                trainer = self._trainer
-                steps = int(trainer.estimated_stepping_batches) if trainer is not None else 1
-                self.distill.on_train_step(self.global_step, steps,
-                                           trainer.accumulate_grad_batches if trainer is not None else 1)
+            for objective in self.objectives:  # per-step state (TAID's t): once per micro-batch
+                objective.after_step(ctx)
             logs.update(parts)
-            if getattr(self.distill, "lm_weight", 0.0) > 0:  # MiniLLM's language-modelling loss
-                l_lm, lm_logs = self._lm_terms(batch)
-                total = total + self.distill.lm_weight * l_lm
-                logs.update({f"{self.distill.group}/{k}": v for k, v in lm_logs.items()})
+            for objective in self.objectives:  # an extra LM batch (MiniLLM's language-modelling loss)
+                lm = objective.extra_batch(ctx)
+                if lm is not None:
+                    l_extra, extra_logs = self.extra_terms(objective, lm)
+                    total = total + l_extra
+                    logs.update({f"{objective.group}/{k}": v for k, v in extra_logs.items()})
             logs["train/distill_tokens"] = float(seqs["response_mask"].sum()) / bsz
         self.log("train/loss", total, prog_bar=True, on_step=True, batch_size=bsz)
         self.log_dict(logs, on_step=True, batch_size=bsz)
@@ -261,30 +265,21 @@ class DistillModule(L.LightningModule):
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # -- optimisation ----------------------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """The student's matrices (weight decay) and other parameters (none), then each objective's own groups (an
+        objective's group without its own `lr` takes `optim.head_lr`, else `optim.lr`)."""
         o = self.optim
         decay = [p for n, p in self.student.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in self.student.named_parameters() if p.requires_grad and p.ndim < 2]
         groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-        head_params = [p for p in (self.distill.parameters() if self.distill is not None else []) if p.requires_grad]
-        if head_params:  # DAC-KL's f_sub trains jointly with its own lr if given
-            head_lr = getattr(self.distill, "lr", None) or o["head_lr"] or o["lr"]
-            groups.append({"params": head_params, "weight_decay": 0.0, "lr": head_lr})
-        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), foreach=True)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warm, floor = int(o["warmup_steps"]), float(o["min_lr"])
+        for objective in self.objectives:
+            groups.extend({**g, "lr": g.get("lr") or o["head_lr"] or o["lr"]} for g in objective.param_groups())
+        return groups
 
-        def schedule(step, base):
-            if step < warm:
-                return (step + 1) / warm
-            t = min((step - warm) / max(total - warm, 1), 1.0)
-            return (floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * t))) / base
-
-        def group_lambda(base):  # bind each group's own base lr (the f_sub group may differ)
-            return lambda step: schedule(step, base)
-
-        lambdas = [group_lambda(g.get("lr", o["lr"])) for g in opt.param_groups]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    def configure_optimizers(self):
+        o = self.optim
+        opt = torch.optim.AdamW(self.param_groups(), lr=o["lr"], betas=tuple(o["betas"]), foreach=True)
+        sched = self.lr_schedule(opt, max(int(self.trainer.estimated_stepping_batches), 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- the sequence source's schedule hears the validation loss (DistiLLM), also once before training -------
@@ -349,12 +344,11 @@ class DistillModule(L.LightningModule):
         if "scrg_history" in checkpoint:  # a resumed run reports SCRG statistics over the whole run
             self.scrg_history = defaultdict(list, {k: list(v) for k, v in checkpoint["scrg_history"].items()})
         self.dac_history = defaultdict(list, {k: list(v) for k, v in checkpoint.get("dac_history", {}).items()})
-        if self.sequences is not None:
-            state = checkpoint.get("sequence_source")
-            if state is None:  # written when a callback fed the sequences (ScrgCallback / ScheduledScrgCallback)
-                state = next((v for k, v in checkpoint.get("callbacks", {}).items() if "ScrgCallback" in k), None)
-            if state is not None:
-                self.sequences.load_state_dict(state)
+        if any("ScrgCallback" in k for k in checkpoint.get("callbacks", {})):
+            raise ValueError("this checkpoint was written by an older mgsr (a ScrgCallback fed the sequences), which "
+                             "this version cannot resume; start the run again")
+        if self.sequences is not None and checkpoint.get("sequence_source") is not None:
+            self.sequences.load_state_dict(checkpoint["sequence_source"])
         rng = checkpoint.get("rng")
         if rng:
             self.train_rng.load_state_dict(rng)

@@ -1,18 +1,22 @@
-"""Loss objects the module composes (built by Hydra from conf/loss). They hold parameters and switches;
+"""The objectives the module composes (built by Hydra from conf/loss), each an `Objective`
+(mgsr/losses/objective.py: the contract `DistillModule` calls). They hold parameters, switches and per-step state;
 the math lives in the pure functions of `mgsr.losses`.
 
-Each class's static `check(**params)` raises a ValueError naming the config key to change; config validation
-calls it before any model loads, the constructor calls it too (one place for each rule).
+Each class's `check(**params)` raises a ValueError naming the config key to change; config validation calls it
+before any model loads, the constructor calls it too (one place for each rule). A parameter left out takes the
+constructor's default (`Objective.defaults()`): defaults are written once, in the signature; the YAML under
+conf/loss/ repeats them only so that Hydra can override them (tests/test_objective_contract.py checks they agree).
 
-Each `forward(teacher_logits, student_logits, mask)` takes aligned [B, T, V] logits and a [B, T] response
-mask and returns `(loss, logs)`, logs being floats for the metric group named by `group`.
+Token-level objectives (DacKl, Divergence, Taid) also take `forward(teacher_logits, student_logits, mask)` on aligned
+[B, R, V] logits and a [B, R] bool mask and return `(loss, logs)`, logs being floats for the metric group `group`;
+SpanCorrelation and MiniLlm need more of the step (`losses(ctx)` passes it).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from mgsr.generation import RESPONSE_EXTRAS
 from mgsr.losses.dac_kl import (
     BANDS,
     REMAINDERS,
@@ -23,16 +27,18 @@ from mgsr.losses.dac_kl import (
 )
 from mgsr.losses.divergences import check_divergence, divergence_loss, forward_kl, token_mean
 from mgsr.losses.minillm import lm_loss, minillm_loss
+from mgsr.losses.objective import LmBatch, LmContext, Objective, StepContext
 from mgsr.losses.span import RELATIONS, span_correlation_loss
 from mgsr.losses.taid import taid_terms, taid_update
 from mgsr.spans import SpanExtractor
 
 
-class DacKl(nn.Module):
+class DacKl(Objective):
     """DAC-KL (METHOD.md 3). head: learnable (f_sub, trained with the student) | fixed (constant l, u)."""
 
     group = "dac"
 
+    # The defaults of DAC-KL: here only (check() and conf/loss/distill/dac_kl.yaml take them from this signature).
     def __init__(self, head: str = "learnable", lower: float = 0.2, upper: float = 0.8, *, top_k: int = 32,
                  hidden: int = 64, lower_range=(0.0, 0.3), upper_range=(0.7, 1.0), kappa: float = 50.0,
                  remainder: str = "merge", band: str = "mass", target_class: bool = True, beta: float = 1.0,
@@ -47,10 +53,13 @@ class DacKl(nn.Module):
                        hard=head == "fixed")
         self.lr = lr  # own learning rate for f_sub (None: the student's)
 
-    @staticmethod
-    def check(*, head="learnable", lower=0.2, upper=0.8, lower_range=(0.0, 0.3), upper_range=(0.7, 1.0),
-              kappa=50.0, remainder="merge", band="mass", target_class=True, beta=1.0, **_) -> None:
+    @classmethod
+    def check(cls, **params) -> None:
         """ValueError naming the key to change (config validation calls this before any model loads)."""
+        p = {**cls.defaults(), **params}
+        head, lower, upper, kappa, beta = p["head"], p["lower"], p["upper"], p["kappa"], p["beta"]
+        band, remainder, target_class = p["band"], p["remainder"], p["target_class"]
+        lower_range, upper_range = p["lower_range"], p["upper_range"]
         for key, value, allowed in (("head", head, ("learnable", "fixed")), ("band", band, BANDS),
                                     ("remainder", remainder, REMAINDERS)):
             if value not in allowed:
@@ -69,6 +78,14 @@ class DacKl(nn.Module):
             if float(lower_range[1]) > float(upper_range[0]):
                 raise ValueError("loss.distill: lower_range must lie below upper_range (lower quantile < upper)")
 
+    def param_groups(self) -> list[dict]:
+        """f_sub's parameters (the learnable head), with `lr` when the config gives f_sub its own."""
+        groups = super().param_groups()
+        if self.lr:
+            for g in groups:
+                g["lr"] = self.lr
+        return groups
+
     def forward(self, teacher_logits, student_logits, mask):
         teacher = None
         if isinstance(self.head, QuantileHead) and self.head.shares_log_probs_with(teacher_logits, student_logits):
@@ -84,7 +101,7 @@ class DacKl(nn.Module):
         return out.loss, {k: float(v.detach()) for k, v in logs.items()}
 
 
-class Divergence(nn.Module):
+class Divergence(Objective):
     """A token-level divergence of METHOD.md 5 (fkl, rkl, skl, jsd, tvd, sfkl, srkl, akl) or ABKD's ab."""
 
     group = "kd"
@@ -94,9 +111,11 @@ class Divergence(nn.Module):
         self.check(name=name, **params)
         self.name, self.params = name, params
 
-    @staticmethod
-    def check(*, name: str = "fkl", **params) -> None:
-        check_divergence(name, params)
+    @classmethod
+    def check(cls, **params) -> None:
+        """The divergence exists and takes these parameters (mgsr.losses.divergences)."""
+        params = {**cls.defaults(), **params}
+        check_divergence(params.pop("name"), params)
 
     def forward(self, teacher_logits, student_logits, mask):
         loss = divergence_loss(self.name, teacher_logits, student_logits, mask, **self.params)
@@ -108,16 +127,17 @@ class Divergence(nn.Module):
         return loss, logs
 
 
-class Taid(nn.Module):
+class Taid(Objective):
     """TAID (Shing et al., ICLR 2025; mgsr/losses/taid.py): KL(p_t || q) with p_t the detached logit-space
     interpolation of student and teacher, t raised by the authors' adaptive schedule once per optimiser step.
 
     The loss returned (and logged as taid/loss, taid/kl) is the true KL(p_t || q); the schedule is driven, as in
     the authors' code, by their objective, the cross-entropy -sum p_t log q (taid/ce; same gradient). t, the
     momentum, the previous loss and the micro-batch losses of the current optimiser step are buffers, so they
-    are saved with the module's state_dict and a resume continues the schedule exactly. The module calls
-    `on_train_step(step, total, accumulate)` after each training micro-batch; with gradient accumulation the
-    schedule sees the mean of the step's micro-batch objectives (the authors update on every micro-batch).
+    are saved with the module's state_dict and a resume continues the schedule exactly. After each training
+    micro-batch the module calls `after_step`, which steps the schedule (`on_train_step(step, total, accumulate)`);
+    with gradient accumulation the schedule sees the mean of the step's micro-batch objectives (the authors update
+    on every micro-batch).
     """
 
     group = "taid"
@@ -137,9 +157,11 @@ class Taid(nn.Module):
         self.register_buffer("pending_step", torch.tensor(-1, dtype=torch.long))
         self._last_objective: float | None = None
 
-    @staticmethod
-    def check(*, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99, adaptive=True, **_) -> None:
+    @classmethod
+    def check(cls, **params) -> None:
         """ValueError naming the key to change (the authors' asserts, plus t_start <= t_end and beta < 1)."""
+        p = {**cls.defaults(), **params}
+        t_start, t_end, alpha, beta, adaptive = p["t_start"], p["t_end"], p["alpha"], p["beta"], p["adaptive"]
         if not 0.0 <= float(t_start) < 1.0:
             raise ValueError(f"loss.distill.t_start={t_start}: need 0 <= t_start < 1")
         if not 0.0 < float(t_end) <= 1.0 or float(t_end) < float(t_start):
@@ -158,6 +180,9 @@ class Taid(nn.Module):
         self.t.fill_(t)
         self.momentum.fill_(m)
         self.prev_loss.fill_(prev)
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.on_train_step(ctx.step, ctx.total_steps, ctx.accumulate)
 
     def on_train_step(self, step: int, total: int, accumulate: int = 1) -> None:
         """After a training micro-batch: once `accumulate` micro-batches of optimiser step `step` are in (or a new
@@ -187,7 +212,7 @@ class Taid(nn.Module):
                       "momentum": float(self.momentum)}
 
 
-class SpanCorrelation(nn.Module):
+class SpanCorrelation(Objective):
     """Span-level correlation consistency (METHOD.md 4) with NLTK span priors."""
 
     group = "span"
@@ -199,30 +224,37 @@ class SpanCorrelation(nn.Module):
         self.relation, self.chunk_size = relation, chunk_size
         self.extractor = SpanExtractor(nltk_data, min_tokens=min_tokens, use_nltk=use_nltk)
 
-    @staticmethod
-    def check(*, relation: str = "hadamard", **_) -> None:
+    @classmethod
+    def check(cls, **params) -> None:
+        relation = {**cls.defaults(), **params}["relation"]
         if relation not in RELATIONS:
             raise ValueError(f"loss.span.relation={relation!r}: choose {' or '.join(RELATIONS)}")
 
+    def losses(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        return self(ctx.teacher_logits, ctx.student_logits, ctx.mask, tokenizer=ctx.tokenizer,
+                    response_ids=ctx.response_ids)
+
     def forward(self, teacher_logits, student_logits, mask, *, tokenizer, response_ids):
+        """`response_ids` [B, R] the response tokens the spans are read from (with `tokenizer`)."""
         pair_mask = self.extractor.pair_mask(tokenizer, response_ids, mask).to(mask.device)
         out = span_correlation_loss(teacher_logits, student_logits, pair_mask, relation=self.relation,
                                     chunk_size=self.chunk_size)
         return out.loss, {"pairs": float(out.num_pairs), "relation_scale": float(out.relation_scale)}
 
 
-class MiniLlm(nn.Module):
+class MiniLlm(Objective):
     """MiniLLM (Gu et al., ICLR 2024; mgsr/losses/minillm.py): policy gradient of the sequence-level reverse KL on
     teacher-mixed student rollouts, with the exact single-step term, length-normalised long-term rewards and PPO
-    ratio clipping; plus their language-modelling loss (`lm_weight` x `pt_loss`), which the module computes on the
-    LM text (the gold batch, or `lm_data`) through `lm_terms`.
+    ratio clipping; plus their language-modelling loss (`lm_weight` x `pt_loss`) on the LM text (the gold batch, or
+    `lm_data`), its extra batch (`extra_batch` / `extra_losses` -> `lm_terms`).
 
-    It needs the rollout's behaviour log-probs, so the module calls it with `seqs=` (`needs_sequences`): a dict with
-    `tokens` [B, R], `old_logprob` [B, R] (log q_old at sampling) and `mix_logprob` [B, R] (log p_mix) aligned with
-    the response columns. Defaults: their `train_minillm.py` arguments and GPT-2 scripts."""
+    It needs the rollout's behaviour log-probs (`rollout_logprobs`): `forward` takes `seqs=`, a dict with `tokens`
+    [B, R], `old_logprob` [B, R] (log q_old at sampling) and `mix_logprob` [B, R] (log p_mix) aligned with the
+    response columns, which `losses(ctx)` reads from the step's sequences. Defaults: their `train_minillm.py`
+    arguments and GPT-2 scripts."""
 
     group = "minillm"
-    needs_sequences = True
+    rollout_logprobs = True
 
     def __init__(self, gamma: float = 0.95, length_norm: bool = True, include_current: bool = True,
                  whitening: bool = True, reward_scaling: float | None = 0.5, reward_clip: float | None = 100.0,
@@ -236,11 +268,14 @@ class MiniLlm(nn.Module):
                        whitening=bool(whitening), reward_scaling=reward_scaling, reward_clip=reward_clip,
                        clip=float(clip), weight_clip=weight_clip, single_step=bool(single_step))
         self.lm_weight, self.kd_ratio, self.lm_data, self.lm_max_len = float(lm_weight), kd_ratio, lm_data, lm_max_len
+        self._lm_text = None  # mgsr.data.lm_text.LmText of `lm_data`, read at the first step that needs it
 
-    @staticmethod
-    def check(*, gamma=0.95, reward_scaling=0.5, reward_clip=100.0, clip=0.2, weight_clip=None, lm_weight=1.0,
-              kd_ratio=0.5, lm_max_len=512, **_) -> None:
+    @classmethod
+    def check(cls, **params) -> None:
         """ValueError naming the key to change."""
+        p = {**cls.defaults(), **params}
+        gamma, reward_scaling, reward_clip, clip = p["gamma"], p["reward_scaling"], p["reward_clip"], p["clip"]
+        weight_clip, lm_weight, kd_ratio, lm_max_len = p["weight_clip"], p["lm_weight"], p["kd_ratio"], p["lm_max_len"]
         if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(f"loss.distill.gamma={gamma}: need 0 <= gamma <= 1 (the reward discount)")
         if reward_scaling is not None and float(reward_scaling) <= 0:
@@ -258,6 +293,12 @@ class MiniLlm(nn.Module):
         if int(lm_max_len) <= 1:
             raise ValueError(f"loss.distill.lm_max_len={lm_max_len}: need > 1")
 
+    def losses(self, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        R = ctx.mask.shape[1]
+        extra = {k: ctx.seqs[k][:, :R] for k in RESPONSE_EXTRAS if k in ctx.seqs}
+        return self(ctx.teacher_logits, ctx.student_logits, ctx.mask,
+                    seqs={"tokens": ctx.response_ids[:, :R], **extra})
+
     def forward(self, teacher_logits, student_logits, mask, *, seqs):
         if "old_logprob" not in seqs:
             raise ValueError("MiniLlm needs rollouts with recorded log-probs (old_logprob): use fresh student "
@@ -272,3 +313,24 @@ class MiniLlm(nn.Module):
         """Their `pt_loss` on LM text: (loss, logs) with logs under this group (lm_loss, lm_ce, lm_distil)."""
         loss, ce, distil = lm_loss(student_logits, targets, mask, teacher_logits, kd_ratio=self.kd_ratio)
         return loss, {"lm_loss": float(loss.detach()), "lm_ce": float(ce), "lm_distil": float(distil)}
+
+    def extra_batch(self, ctx: StepContext) -> LmBatch | None:
+        """The LM text of this step (with `lm_weight` > 0): `lm_data` (a JSONL of texts, served in order by step) or,
+        by default, the gold batch (prompt + response) as plain text; with the teacher when `kd_ratio` is set."""
+        if self.lm_weight <= 0:
+            return None
+        batch = ctx.batch
+        if not self.lm_data:
+            return LmBatch(batch["input_ids"], batch["attention_mask"], with_teacher=self.kd_ratio is not None)
+        if self._lm_text is None:
+            from mgsr.data.lm_text import LmText
+
+            self._lm_text = LmText(self.lm_data, ctx.tokenizer, max_len=self.lm_max_len)
+        ids, attn = self._lm_text.batch(ctx.step, batch["input_ids"].shape[0], pad_id=ctx.tokenizer.pad_token_id)
+        device = batch["input_ids"].device
+        return LmBatch(ids.to(device), attn.to(device), with_teacher=self.kd_ratio is not None)
+
+    def extra_losses(self, lm: LmContext) -> tuple[torch.Tensor, dict]:
+        """`lm_weight` x their `pt_loss` on the LM text: every real next token is a target."""
+        loss, logs = self.lm_terms(lm.student_logits, lm.targets, lm.mask, lm.teacher_logits)
+        return self.lm_weight * loss, logs

@@ -268,10 +268,7 @@ class SequenceSource:
     def load_state_dict(self, state: dict) -> None:
         self.buffer.load_state_dict(state["buffer"])
         self._gen.set_state(state["gen"])
-        if "counts" in state:
-            self.counts = dict(state["counts"])
-        else:  # a checkpoint of the former ScrgCallback: it counted triggers and replays
-            self.counts.update(fresh=int(state.get("triggers", 0)), replay=int(state.get("replays", 0)))
+        self.counts = dict(state["counts"])
         if "schedule" in state:
             self.schedule.load_state_dict(state["schedule"])
         self.pending = [dict(p) for p in state.get("pending", [])]

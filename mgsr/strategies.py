@@ -10,7 +10,7 @@ FSDP (Lightning's `FSDPStrategy`, torch FSDP1, `use_orig_params=True`):
 - Teacher: `teacher: shard` (default) wraps it like the student, so each rank holds 1/W of it; `replicate`
   passes it as `ignored_modules`, so every rank keeps the whole (frozen) teacher and no all-gathers are spent
   on it. The teacher has no gradient and no optimizer state either way.
-- Generation: SCRG / student rollouts run in `on_train_batch_start`, outside the wrapped forward. With
+- Generation: SCRG / student rollouts (the module's sequence source) are direct decode calls, not one forward. With
   `rollout_gather: full` (default) `gathered_for_generation` (mgsr/sharding.py) puts them inside
   `FullyShardedDataParallel.summon_full_params(root, writeback=False)`: parameters are gathered once per
   rollout (one full copy of teacher + student per rank while it runs, freed after). `layer` instead relies

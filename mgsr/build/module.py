@@ -1,13 +1,16 @@
-"""The LightningModule of a run: the loss objects, SCRG, the sequence source and the samplers from config, around
-student and teacher."""
+"""The LightningModule of a run: the objectives, SCRG, the sequence source, the samplers and the learning-rate
+schedule from config, around student and teacher."""
 
 from __future__ import annotations
+
+from functools import partial
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mgsr.config import to_container
 from mgsr.generation import SamplingConfig
+from mgsr.lr_schedule import warmup_cosine
 from mgsr.module import DistillModule
 from mgsr.scrg import ScrgConfig
 from mgsr.sequences import build_sequence_source
@@ -36,6 +39,7 @@ def build_module(cfg: DictConfig, student, teacher, tokenizer, dm=None) -> Disti
         sequences=build_sequence_source(cfg.scrg, cfg.seed, instantiate=instantiate, prompts=training_prompts(cfg, dm))
         if uses_student_sequences(cfg) else None,
         rollout_engine=rollout_engine_factory(cfg),
+        lr_schedule=lr_schedule(cfg),
     )
 
 
@@ -48,6 +52,12 @@ def rollout_engine_factory(cfg: DictConfig):
 
     settings = to_container(rollout.vllm)
     return lambda student: shared_engine(student, seed=int(cfg.seed), **settings)
+
+
+def lr_schedule(cfg: DictConfig):
+    """The run's learning-rate schedule, `(optimizer, total_steps) -> scheduler`: linear warm-up over
+    `optim.warmup_steps`, then cosine decay to `optim.min_lr` (DistiLLM's)."""
+    return partial(warmup_cosine, warmup_steps=int(cfg.optim.warmup_steps), min_lr=float(cfg.optim.min_lr))
 
 
 def uses_student_sequences(cfg: DictConfig) -> bool:
