@@ -106,7 +106,7 @@ class DistillModule(L.LightningModule):
         stats = RevisionStats()
         try:
             with gathered_for_generation(self):  # FSDP / ZeRO-3: outside forward, parameters are sharded
-                if self.scrg.sampler == "teacher_mix" or (self.distill is not None and self.distill.rollout_logprobs):
+                if self.scrg.sampler == "teacher_mix" or any(o.rollout_logprobs for o in self.objectives):
                     # MiniLLM: tokens from mix p + (1 - mix) q with the behaviour log-probs (mix 0: the student)
                     mix = float(self.scrg.mix) if self.scrg.sampler == "teacher_mix" else 0.0
                     return generate_mixed(self.teacher, self.student, batch["prompt_ids"],

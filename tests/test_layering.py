@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Layers, low to high. A key is a module, or a package ending in ".*" (the package and everything under it).
 # 0  config: ConfigError / to_container, used everywhere
 # 1  data: records, tokenizers, batches, and the pure metric/table functions
-# 2  models: loading, pruning, model sources, generation, calling sharded modules
+# 2  models: loading, pruning, model sources, generation, calling sharded modules; learning-rate schedules
 # 3  losses, spans, SCRG, where distillation sequences come from (sequences, replay), run-level callbacks
 # 4  the LightningModule
 # 5  recipe parts: the build stages, evaluation runs, SFT stages, SeqKD, strategies, reports, comparisons
