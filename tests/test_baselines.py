@@ -76,6 +76,7 @@ def test_all_paper_baselines_have_an_experiment():
         assert compose_train([f"+experiment=baseline_{name}"]).name == name
 
 
+@pytest.mark.slow  # a pipeline run per baseline
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_baseline_runs_end_to_end(name, tmp_path, tiny_overrides, count_generation):
     extra = ["scrg.schedule.init=0.5"] if name == "distillm" else []  # phi starts at 0: give it something to do

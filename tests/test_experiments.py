@@ -100,6 +100,7 @@ def _metric_columns(run_dir: Path) -> set[str]:
     return set((run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(","))
 
 
+@pytest.mark.slow  # a pipeline run per experiment
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in REAL])
 def test_experiment_runs_a_few_steps(name, tiny_overrides, tmp_path):
     from mgsr.build.module import uses_student_sequences

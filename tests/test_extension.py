@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY
 
+pytestmark = pytest.mark.slow  # each test is a train.py run
+
 HELLINGER = '''
 
 @register_divergence("hellinger")

@@ -26,6 +26,7 @@ def _last_logged(run_dir, key: str) -> float:
     return float(rows[-1][key])
 
 
+@pytest.mark.slow  # the pipeline end to end, then evaluate.py twice
 def test_default_pipeline_end_to_end(tmp_path, tiny_overrides):
     cfg = compose_train(tiny_overrides)
     res = run(cfg, tmp_path / "run")
@@ -76,6 +77,7 @@ def test_default_pipeline_end_to_end(tmp_path, tiny_overrides):
     assert a == ev["per_seed"]["test"]["10"]["rougeL"]
 
 
+@pytest.mark.slow  # two pipeline runs
 def test_sft_only_run_needs_no_teacher(tmp_path, tiny_overrides):
     overrides = [*tiny_overrides, "loss=sft", "cache_dir=" + str(tmp_path / "empty_cache"),
                  "eval.exposure_bias=false", "eval.teacher_forced=false",  # both compare with the teacher
@@ -97,6 +99,7 @@ def test_sft_only_run_needs_no_teacher(tmp_path, tiny_overrides):
     assert _last_logged(tmp_path / "again", "train/sft") == _last_logged(tmp_path / "run", "train/sft")
 
 
+@pytest.mark.slow  # a train.py -m sweep of two runs
 def test_multirun_sweep_of_two_runs(tmp_path, tiny_overrides):
     out = subprocess.run(
         [sys.executable, "train.py", "-m", *tiny_overrides, "seed=0,1", "eval.enabled=false",

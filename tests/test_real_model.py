@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import SHARED, compose_train
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)

@@ -156,6 +156,7 @@ def test_wandb_table_goes_to_the_sweep_group(sweep, monkeypatch, tmp_path):
     assert not log_wandb_table(rep, group=group, settings=None, out_dir=tmp_path)
 
 
+@pytest.mark.slow  # a train.py -m sweep of two runs
 def test_two_run_multirun_sweep_ends_with_a_report(tmp_path, tiny_overrides):
     from test_experiments import fast
 

@@ -42,6 +42,7 @@ def test_progress_is_logged_with_step_loss_and_eta(tmp_path, tok_dm, caplog, mon
     assert (tmp_path / "stage" / "config.json").is_file()
 
 
+@pytest.mark.slow  # two processes training a stage
 def test_a_stage_another_run_is_making_is_waited_for_not_trained_again(tmp_path, tok_dm, caplog):
     tok, dm = tok_dm
     path = tmp_path / "stage"
