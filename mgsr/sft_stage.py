@@ -66,7 +66,7 @@ def stage_lock(path: Path):
     """An exclusive advisory lock beside `path` (released when the process dies, so never stale)."""
     import fcntl
 
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
+    with open(path.with_name("." + path.name + ".lock"), "w") as fh:  # hidden: `teacher-*` globs see stages only
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -39,8 +39,12 @@ Spans are cached per sequence of token ids (LRU), because they only change when 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
+import shutil
+import stat
 import warnings
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
@@ -103,13 +107,38 @@ def _nltk_search_path(nltk, data_dir: str | None):
     Punkt parameters and tagger weights live in memory, so nothing needs the entry afterwards.
     """
     saved = list(nltk.data.path)
-    nltk.data.path.insert(0, str(BUNDLED_NLTK_DATA))
+    nltk.data.path.insert(0, str(readable_bundled_data()))
     if data_dir is not None:
         nltk.data.path.insert(0, data_dir)
     try:
         yield
     finally:
         nltk.data.path[:] = saved
+
+
+def _writable_by_others(root: Path) -> bool:
+    return any(p.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH) for p in [root, *root.rglob("*")])
+
+
+def readable_bundled_data() -> Path:
+    """The bundled NLTK data, or a private copy of it when the checkout is group- or world-writable: NLTK >= 3.10
+    refuses to read data that other accounts could have changed, and a checkout made under umask 002 is."""
+    if not BUNDLED_NLTK_DATA.is_dir() or not _writable_by_others(BUNDLED_NLTK_DATA):
+        return BUNDLED_NLTK_DATA
+    digest = hashlib.sha1("".join(sorted(str(p.relative_to(BUNDLED_NLTK_DATA)) + str(p.stat().st_size)
+                                         for p in BUNDLED_NLTK_DATA.rglob("*"))).encode()).hexdigest()[:12]
+    private = Path(os.environ.get("MGSR_CACHE") or Path.home() / ".cache" / "mgsr") / f"nltk_data-{digest}"
+    if not (private / "done").is_file():
+        tmp = private.with_name(private.name + f".tmp{os.getpid()}")
+        shutil.copytree(BUNDLED_NLTK_DATA, tmp, dirs_exist_ok=True)
+        for p in [tmp, *tmp.rglob("*")]:
+            p.chmod(0o700 if p.is_dir() else 0o600)
+        (tmp / "done").write_text("")
+        shutil.rmtree(private, ignore_errors=True)
+        tmp.rename(private)
+    private.chmod(0o700)
+    log.info("span priors: the bundled NLTK data is writable by other accounts; reading a private copy at %s", private)
+    return private
 
 
 class SpanExtractor:

@@ -379,3 +379,28 @@ def test_bundled_data_is_byte_identical_to_the_shared_copy() -> None:
         assert names and names == sorted(p.name for p in theirs.iterdir())
         for name in names:
             assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+
+def test_a_group_writable_checkout_reads_a_private_copy(tmp_path, monkeypatch):
+    """NLTK >= 3.10 refuses data that other accounts can write (a checkout made under umask 002): the extractor
+    then reads a private copy, and still gets the NLTK backend."""
+    shared_copy = tmp_path / "checkout" / "nltk_data"
+    import shutil
+
+    shutil.copytree(spans_mod.BUNDLED_NLTK_DATA, shared_copy)
+    for p in [shared_copy, *shared_copy.rglob("*")]:
+        p.chmod(0o775 if p.is_dir() else 0o664)
+    monkeypatch.setattr(spans_mod, "BUNDLED_NLTK_DATA", shared_copy)
+    monkeypatch.setenv("MGSR_CACHE", str(tmp_path / "cache"))
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [])
+    with pytest.warns(RuntimeWarning, match="NLTK will not read"):  # what the private copy is for
+        assert SpanExtractor(str(shared_copy), use_nltk=True, warn_once=spans_mod.WarnOnce()).backend == "nltk"
+    private = spans_mod.readable_bundled_data()
+    assert private != shared_copy and private.parent == tmp_path / "cache"
+    assert not spans_mod._writable_by_others(private)
+    ex = SpanExtractor()
+    assert ex.backend == "nltk", ex.fallback_reason
+    assert ex.char_spans(FOX) == [(0, 19), (20, 25), (26, 43)]
+    assert spans_mod.readable_bundled_data() == private  # made once
