@@ -433,7 +433,8 @@ def write_report(spec: Spec, out: Path, *, wall_time_s: float | None = None, not
         wall_time_s = wall_time(spec, out)
     stamp = {"commit": git_commit(), "config_hash": spec.config_hash(), "machine": machine(),
              "wall_time": f"{wall_time_s / 60:.1f} min", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-             "span": _tally(found, lambda r: (r.get("span_backend") or {}).get("backend", "unrecorded")),
+             "span": _tally(found, lambda r: "none" if r.get("eval_only") else
+                            (r.get("span_backend") or {}).get("backend", "unrecorded")),
              "evaluated": _tally(found, _evaluated)}
     md = to_markdown(spec, rows, stamp=stamp, notes=notes)
     out.mkdir(parents=True, exist_ok=True)
