@@ -221,6 +221,17 @@ def test_taid_extreme_logits_finite(pair, t):
     assert taid_divergence(te, te.clone(), t).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("t", [1e-310, 1.0 - 2 ** -53, 1e-46])
+def test_taid_weights_that_round_to_zero_in_float32_stay_finite(t):
+    """Found by hypothesis: a t that is not 0 in float64 but is in float32 made 0 * -inf = NaN."""
+    te = torch.tensor([[[2.0, float("-inf"), 0.5, -1.0]]])
+    s = torch.tensor([[[float("-inf"), 1.0, 0.0, 3.0]]], requires_grad=True)
+    kl, ce = taid_terms(te, s, t)
+    assert torch.isfinite(kl).all() and torch.isfinite(ce).all(), (kl, ce)
+    kl.sum().backward()
+    assert torch.isfinite(s.grad).all()
+
+
 # ----------------------------------------------------------------------------- TAID: the schedule
 
 

@@ -33,8 +33,10 @@ TAID_EPS = 1e-15  # the authors' guard in the relative change
 
 
 def _scaled(weight: float, logits: torch.Tensor) -> torch.Tensor:
-    """weight * logits with an exact 0 for weight 0 (0 * -inf would be NaN on masked columns)."""
-    return torch.zeros_like(logits) if weight == 0 else weight * logits
+    """weight * logits with an exact 0 for weight 0 (0 * -inf would be NaN on masked columns). The test is made in
+    the logits' dtype: a weight that rounds to 0 there (a denormal t, or 1 - t one ulp from 1) is 0."""
+    w = torch.tensor(weight, dtype=logits.dtype)
+    return torch.zeros_like(logits) if w == 0 else w.to(logits.device) * logits
 
 
 def interpolated_log_probs(teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float) -> torch.Tensor:
