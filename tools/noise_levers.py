@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--v1", default="results/testbed_v1")
     ap.add_argument("--v2", default="results/testbed")
     ap.add_argument("--json", default="bench/results/noise_levers.json")
+    ap.add_argument("--md", default="results/testbed/noise_levers.md", help="the stamped table (docs copy it)")
     args = ap.parse_args(argv)
     results = {}
     lines = ["| difference | lever | seeds | mean | sd | eval sd (paired) | eval sd (unpaired) | training sd | "
@@ -125,6 +127,12 @@ def main(argv=None) -> int:
                          f"{f(r['eval_sd'], p)} | {f(r.get('eval_sd_unpaired'), p)} | {f(r['train_sd'], p)} | "
                          f"{f(r['half'], p)} | {f(r['mde80'], p)} |")
     print("\n".join(lines))
+    from mgsr.compare import git_commit, machine
+
+    stamp = (f"commit `{git_commit()}` · {machine()} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · "
+             f"cells: {args.v1} (paper protocol), {args.v2} (resolution protocol)")
+    Path(args.md).write_text("# What each variance lever bought\n\n" + stamp + "\n\n" + __doc__.split("\n\n", 2)[2]
+                             + "\n" + "\n".join(lines) + "\n")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
