@@ -72,7 +72,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if not (path.is_dir() and (path / METADATA).is_file()):
             return super().load_checkpoint(path, weights_only=weights_only)
-        metadata = load_sharded(self.model, self.optimizers, path, skip_prefix="teacher.", weights_only=weights_only)
+        metadata = load_sharded(self.model, self.optimizers, path, skip_prefix="teacher.")
         metadata["state_dict"] = {}  # loaded already; on_load_checkpoint adds the teacher's entries to it
         return metadata
 

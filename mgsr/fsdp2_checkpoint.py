@@ -11,7 +11,7 @@ import torch
 METADATA = "meta.pt"  # Lightning's name for the non-tensor part; rank 0 writes it after every shard is written
 
 
-def load_sharded(model, optimizers, path: Path, *, skip_prefix: str, weights_only=None) -> dict:
+def load_sharded(model, optimizers, path: Path, *, skip_prefix: str) -> dict:
     """Load a Lightning sharded checkpoint into the sharded `model` and its optimizers, except the keys starting
     with `skip_prefix` (not stored); returns the metadata (`meta.pt`)."""
     import torch.distributed.checkpoint as dcp
@@ -34,7 +34,7 @@ def load_sharded(model, optimizers, path: Path, *, skip_prefix: str, weights_onl
         dcp.load(optim_state, checkpoint_id=path)
         set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state[f"optimizer_{i}"],
                                  options=StateDictOptions(cpu_offload=True))
-    return torch.load(path / METADATA, weights_only=weights_only)
+    return torch.load(path / METADATA, weights_only=True)  # as every checkpoint load here: tensors, primitives
 
 
 def is_sharded_checkpoint(path) -> bool:
