@@ -74,3 +74,14 @@ def require_real_model() -> None:
     if os.environ.get("MGSR_REQUIRE_REAL_MODEL") == "1":
         pytest.fail(f"MGSR_REQUIRE_REAL_MODEL=1 but {reason}")
     pytest.skip(reason)
+
+
+def copy_of_the_tree(tmp_path_factory) -> Path:
+    """A copy of the repository (code, conf, tests; no caches, results or checkpoints) for tests that show what
+    adding a piece takes: they write its files into the copy and run it there."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("tree") / "mgsr_copy"
+    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(
+        ".git", ".cache", "outputs", "multirun", "results", "__pycache__", ".pytest_cache", ".hypothesis", "*.ckpt"))
+    return root

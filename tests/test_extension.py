@@ -8,13 +8,12 @@ import csv
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
+from conftest import TINY, copy_of_the_tree
 
 pytestmark = pytest.mark.slow  # each test is a train.py run
 
@@ -33,14 +32,11 @@ def hellinger(teacher_logits: torch.Tensor, student_logits: torch.Tensor, scale:
 '''
 
 YAML = "# Hellinger distance (squared), a test's divergence\n_target_: mgsr.objectives.Divergence\nname: hellinger\n"
-IGNORE = shutil.ignore_patterns(".git", ".cache", "outputs", "multirun", "results", "__pycache__", ".pytest_cache",
-                                ".hypothesis", "*.ckpt")
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tree") / "mgsr_copy"
-    shutil.copytree(REPO, root, ignore=IGNORE)
+    root = copy_of_the_tree(tmp_path_factory)
     div = root / "mgsr" / "losses" / "divergences.py"
     div.write_text(div.read_text().replace("import inspect\n", "import inspect\nimport os\n", 1) + HELLINGER)
     (root / "conf" / "loss" / "distill" / "hellinger.yaml").write_text(YAML)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, TINY
+from conftest import REPO, TINY, copy_of_the_tree
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -177,14 +176,11 @@ class Toy(Objective):
 '''
 
 TOY_YAML = "# a test's objective (mgsr/losses/toy.py)\n_target_: mgsr.losses.toy.Toy\nweight: 1.0\nlm_weight: 0.5\nlr: 0.05\n"
-IGNORE = shutil.ignore_patterns(".git", ".cache", "outputs", "multirun", "results", "__pycache__", ".pytest_cache",
-                                ".hypothesis", "*.ckpt")
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tree") / "mgsr_copy"
-    shutil.copytree(REPO, root, ignore=IGNORE)
+    root = copy_of_the_tree(tmp_path_factory)
     (root / "mgsr" / "losses" / "toy.py").write_text(TOY)
     (root / "conf" / "loss" / "distill" / "toy.yaml").write_text(TOY_YAML)
     return root
