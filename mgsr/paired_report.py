@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from mgsr.compare import Interval, _fmt_diff, paired_difference
+from mgsr.compare import Interval, _fmt_diff, cell_score, paired_difference
 from mgsr.noise_budget import (
     BUDGET_NOTE,
     TARGET_HALF,
@@ -34,13 +34,8 @@ class PairedRow:
 
 
 def _scores(runs: list[dict]) -> dict:
-    """training seed -> cell score (test ROUGE-L, Average over sets) of `runs` (results.json dicts)."""
-    out = {}
-    for r in runs:
-        cell = ((r.get("eval") or {}).get("summary") or {}).get("Average", {}).get("rougeL")
-        if isinstance(cell, (list, tuple)):
-            out[r.get("seed")] = float(cell[0])
-    return out
+    """training seed -> cell score (compare.py's: test ROUGE-L, Average over sets) of `runs` (results.json)."""
+    return {r.get("seed"): score for r in runs if (score := cell_score(r)) is not None}
 
 
 def _per_eval(runs: list[dict]) -> dict:
@@ -56,7 +51,8 @@ def _tf(runs: list[dict], key: str) -> dict:
 def paired_rows(by_variant: dict[str, list[dict]], reference: str) -> list[PairedRow]:
     """One row per variant other than `reference`: its paired difference to it over the seeds both have."""
     ref = by_variant[reference]
-    return [PairedRow(v, len(_scores(runs)), paired_difference(_scores(runs), _scores(ref)),
+    ref_scores = _scores(ref)
+    return [PairedRow(v, len(_scores(runs)), paired_difference(_scores(runs), ref_scores),
                       noise_budget(_per_eval(runs), _per_eval(ref)),
                       {k: paired_difference(_tf(runs, k), _tf(ref, k)) for k in ("nll", "fkl")})
             for v, runs in by_variant.items() if v != reference]

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from mgsr.noise_budget import (  # noqa: E402
     NoiseBudget,
+    _var,
     deterministic_budget,
     noise_budget,
     per_eval_seed,
@@ -60,10 +61,8 @@ def first_prompts(r: dict, n: int) -> dict | None:
 
 def unpaired_eval_var(a: dict, b: dict) -> float:
     """The decoding variance of A - B if the two cells' eval seeds were independent: var_A/k + var_B/k."""
-    def v(x):
-        vals = list(x.values())
-        m = sum(vals) / len(vals)
-        return sum((y - m) ** 2 for y in vals) / (len(vals) - 1) / len(vals)
+    def v(x):  # the variance of one cell's mean over its eval seeds
+        return _var(list(x.values())) / len(x)
 
     common = sorted(set(a) & set(b))
     return sum(v(a[s]) + v(b[s]) for s in common) / len(common)
